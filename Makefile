@@ -1,0 +1,48 @@
+# Two commands matter: `make demo` and `make test`. Both install what they need from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Clusters override this (e.g. TORCH_SPEC='torch==2.13.0 --index-url ...cu126'); the default is
+# the CPU wheel this project's machines carry, so a fresh venv never pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install system-deps test lint format demo clean
+
+$(BIN)/.installed: setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_SPEC)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+# espeak-ng speaks the demo corpus, sox handles odd audio; apt where we can, a clear message elsewhere.
+system-deps:
+	@if command -v espeak-ng >/dev/null && command -v sox >/dev/null; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq espeak-ng sox; \
+	else \
+		echo "make demo needs espeak-ng and sox: install them (e.g. sudo apt-get install espeak-ng sox)"; \
+		exit 1; \
+	fi
+
+demo: install system-deps
+	$(BIN)/python -m audio_llm.demo
+
+clean:
+	rm -rf $(VENV) .cache runs build *.egg-info

@@ -1,0 +1,46 @@
+"""`audio-llm` console script: one subcommand per module, each registering its own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from audio_llm.errors import AudioLLMError
+
+# Each module defines `register(subparsers)`, which adds a parser whose `func(args) -> int` runs it.
+# Imported lazily per command so `audio-llm --help` stays fast and torch loads only when needed.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny": ("audio_llm.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
+    "lora-targets": ("audio_llm.lora", "show which modules a LoRA regex hits, per component"),
+    "config": ("audio_llm.config", "print the resolved training config (file + overrides)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audio-llm",
+        description="Train speech LLMs: Whisper encoder -> projector -> Qwen2-VL with LoRA.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, summary) in COMMANDS.items():
+        if command == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AudioLLMError as exc:
+        print(f"audio-llm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""One typed config tree for every run: YAML/JSON file -> dataclasses -> `key=value` overrides.
+
+Each field's `help` is the documentation (`audio-llm config --explain` prints it). Validation runs
+in `__post_init__`, so a bad value fails at start-up with a message naming the field to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from audio_llm.errors import AudioLLMError
+
+# Hits the LLM's attention and MLP projections and nothing else: Whisper's encoder also has
+# `self_attn.q_proj`, so the LLM path (`language_model.layers.N`) is part of the pattern.
+DEFAULT_LORA_REGEX = (
+    r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+)
+# A Qwen2-VL special token (id 151654 in the real tokenizer) that the LLM never sees in text-only
+# use, so it is free to mark audio positions in real checkpoints and in the tiny one alike.
+DEFAULT_AUDIO_TOKEN = "<|vision_pad|>"
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise AudioLLMError(message)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = opt(
+        "runs/tiny/whisper", "Whisper checkpoint folder (encoder + feature extractor)."
+    )
+    llm: str = opt("runs/tiny/qwen2vl", "Qwen2-VL checkpoint folder (model + tokenizer).")
+    audio_token: str = opt(DEFAULT_AUDIO_TOKEN, "Tokenizer token that marks each audio position.")
+    projector: Literal["linear", "mlp"] = opt(
+        "linear", "Projector: one Linear, or Linear-GELU-Linear."
+    )
+    stack_factor: int = opt(1, "Concatenate k consecutive encoder frames before projecting.")
+    projector_hidden: int = opt(0, "Hidden width of the mlp projector (0: the LLM's hidden size).")
+    projector_init: str = opt("", "Projector safetensors to start from (stage 2: stage-1 output).")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "bfloat16", "Weights dtype (CPU: float32)."
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute LLM activations in backward to save memory."
+    )
+    prompt: str = opt("Transcribe the audio.", "User instruction placed after the audio.")
+    chat_template: bool = opt(True, "Wrap prompts in the tokenizer's chat template.")
+
+    def __post_init__(self) -> None:
+        _check(self.stack_factor >= 1, f"model.stack_factor must be >= 1 (got {self.stack_factor})")
+        _check(self.projector_hidden >= 0, "model.projector_hidden must be >= 0")
+        _check(bool(self.audio_token), "model.audio_token must name a tokenizer token")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the LLM, used in stage 2 (train.stage=2)."""
+
+    rank: int = opt(16, "LoRA rank r.")
+    alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r).")
+    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_regex: str = opt(
+        DEFAULT_LORA_REGEX,
+        "re.fullmatch over module names (as PEFT matches them): must hit only LLM projections.",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"lora.rank must be >= 1 (got {self.rank})")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = opt("", "Training shards: paths, brace patterns or pipe: URLs.")
+    eval_shards: str = opt("", "Held-out shards for WER during training.")
+    batch_size: int = opt(8, "Micro-batch size per rank.")
+    num_workers: int = opt(2, "DataLoader workers per rank.")
+    shuffle_buffer: int = opt(1000, "Samples held in the shuffle buffer.")
+    max_length: int = opt(2048, "Max tokens (audio + prompt + transcript); longer samples skipped.")
+    long_audio: Literal["skip", "truncate"] = opt("skip", "Audio over 30 s: skip or cut to 30 s.")
+    seed: int = opt(0, "Seeds shard order, shuffling and augmentation (with epoch, rank, worker).")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.max_length >= 16, f"data.max_length must be >= 16 (got {self.max_length})")
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal[1, 2] = opt(1, "1: projector only. 2: projector + LoRA.")
+    out_dir: str = opt("runs/stage1", "Run directory: checkpoints, exports, TensorBoard.")
+    max_steps: int = opt(1000, "Optimizer steps.")
+    lr: float = opt(1e-3, "Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, "Final lr as a fraction of the peak.")
+    warmup_steps: int = opt(100, "Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "Decay after warmup.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    clip_grad: float = opt(1.0, "Gradient-norm clip (0: off).")
+    save_every: int = opt(500, "Checkpoint every N steps (and at the end).")
+    keep_last: int = opt(3, "Checkpoints to keep.")
+    log_every: int = opt(10, "Log every N steps.")
+    seed: int = opt(0, "Model-side seed (projector/LoRA init, dropout).")
+    max_bad_steps: int = opt(5, "Abort after this many non-finite losses in a row.")
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
+        _check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {self.grad_accum})")
+        _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every/keep_last >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(0, "Run WER on data.eval_shards every N steps (0: off).")
+    max_new_tokens: int = opt(128, "Generation length cap.")
+    num_beams: int = opt(1, "Beam size (1: greedy).")
+    normalizer: Literal["none", "basic", "whisper"] = opt("basic", "Text normaliser for WER.")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0 and self.max_new_tokens >= 1 and self.num_beams >= 1, "bad eval.*")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def use_lora(self) -> bool:
+        """Stage 2 adds LoRA; stage 1 trains the projector alone."""
+        return self.train.stage == 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a field's annotation; errors name the field."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise AudioLLMError(f"{where} must be one of {list(choices)} (got {value!r})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise AudioLLMError(f"{where} must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise AudioLLMError(f"{where} must be an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise AudioLLMError(f"{where} must be a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise AudioLLMError(f"{where} must be a string (got {value!r})")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise AudioLLMError(f"{where or 'config'} must be a mapping (got {type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+            raise AudioLLMError(f"unknown config key {name!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, name)
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = base
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise AudioLLMError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML/JSON config (optional), apply `section.key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise AudioLLMError(f"config file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise AudioLLMError(f"{path}: cannot parse: {exc}") from exc
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise AudioLLMError(f"override {item!r} must look like section.key=value")
+        _merge(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, data, "")
+
+
+def explain(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, type, default and help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(explain(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "config",
+        help="print the resolved training config (file + overrides)",
+        description="Resolve --config FILE plus section.key=value overrides, validate, print YAML.",
+    )
+    p.add_argument("--config", help="YAML or JSON config file")
+    p.add_argument("--explain", action="store_true", help="list every field with its help text")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0

@@ -1,0 +1,213 @@
+"""AudioLLM: frozen Whisper encoder -> trainable projector -> Qwen2-VL (optionally with LoRA).
+
+Audio enters the LLM as embeddings written over placeholder tokens: the prompt carries one
+`model.audio_token` per projected audio frame, so the text side stays ordinary token ids and the
+same tokenizer, chat template and checkpoint work with or without audio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+from audio_llm.config import LoraConfig, ModelConfig
+from audio_llm.encoder import (
+    AudioEncoder,
+    encoder_frames,
+    load_feature_extractor,
+    load_whisper_encoder,
+)
+from audio_llm.errors import AudioLLMError
+from audio_llm.projector import AudioProjector
+from audio_llm.text import IGNORE_INDEX, PromptBuilder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AudioLLM(nn.Module):
+    """The trainable model. Batches carry token ids plus exactly one audio form:
+
+    - `input_features [B, n_mels, T]` + `feature_lengths [B]` (valid mel frames), or
+    - `audio_embeds [B, F, d_encoder]` + `audio_lengths [B]` (precomputed encoder outputs).
+
+    Row b of `input_ids` must hold exactly `num_audio_tokens(...)` placeholders for its clip.
+    """
+
+    def __init__(
+        self,
+        encoder: AudioEncoder,
+        projector: AudioProjector,
+        llm: nn.Module,
+        audio_token_id: int,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.llm = llm
+        self.audio_token_id = audio_token_id
+        # Set by build_audio_llm; plain attributes, not modules, so DeepSpeed ignores them.
+        self.tokenizer = None
+        self.feature_extractor = None
+        self.prompts: PromptBuilder | None = None
+
+    # -- audio ------------------------------------------------------------------------------
+    def num_audio_tokens(self, mel_frames: int) -> int:
+        """LLM positions one clip of `mel_frames` valid log-mel frames occupies."""
+        return int(self.projector.output_lengths(torch.tensor(encoder_frames(mel_frames))))
+
+    def project_audio(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        audio_embeds: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio in any supported form -> (`[B, N, d_llm]` embeddings, valid lengths `[B]`)."""
+        if (input_features is None) == (audio_embeds is None):
+            raise AudioLLMError("a batch needs exactly one of input_features or audio_embeds")
+        if input_features is not None:
+            if feature_lengths is None:
+                raise AudioLLMError("input_features need feature_lengths (valid mel frames)")
+            audio_embeds, audio_lengths = self.encoder(input_features, feature_lengths)
+        elif audio_lengths is None:
+            raise AudioLLMError("audio_embeds need audio_lengths (valid encoder frames)")
+        return self.projector(audio_embeds, audio_lengths.to(audio_embeds.device))
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, audio: torch.Tensor, audio_lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Token embeddings with each row's placeholders replaced by its projected audio."""
+        is_audio = input_ids == self.audio_token_id
+        counts = is_audio.sum(dim=1)
+        if not torch.equal(counts.cpu(), audio_lengths.cpu()):
+            bad = (counts.cpu() != audio_lengths.cpu()).nonzero()[0].item()
+            raise AudioLLMError(
+                f"batch row {bad}: {int(counts[bad])} audio placeholders for "
+                f"{int(audio_lengths[bad])} audio frames; build prompts with num_audio_tokens()"
+            )
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_lengths[:, None]
+        # Row-major order of the mask matches row-major order of valid frames.
+        return embeds.masked_scatter(is_audio[..., None], audio[valid].to(embeds.dtype))
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **audio: torch.Tensor,
+    ):
+        """LM loss over transcript tokens only (prompt, audio and padding are never targets)."""
+        projected, lengths = self.project_audio(**audio)
+        inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
+        if labels is not None:
+            labels = labels.masked_fill(
+                (input_ids == self.audio_token_id) | (attention_mask == 0), IGNORE_INDEX
+            )
+        # Explicit 1-D positions (Qwen2-VL expands them to its 3 M-RoPE axes): text-only RoPE,
+        # correct for left or right padding, and independent of state left by generate().
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+        )
+
+    def train(self, mode: bool = True) -> AudioLLM:
+        super().train(mode)
+        self.encoder.eval()  # frozen: no dropout, whatever the wrapper's mode
+        return self
+
+    # -- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+        **audio: torch.Tensor,
+    ) -> list[list[int]]:
+        """Greedy/beam decoding from left-padded prompts; returns the new token ids per row."""
+        projected, lengths = self.project_audio(**audio)
+        inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
+        eos = self.llm.generation_config.eos_token_id
+        pad = self.llm.generation_config.pad_token_id
+        out = self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        base = getattr(self.llm, "get_base_model", lambda: self.llm)()
+        base.model.rope_deltas = None  # generate() caches M-RoPE state on the model
+        stops = set(eos if isinstance(eos, list) else [eos]) | {pad}
+        result = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            result.append(row[:cut])
+        return result
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def build_audio_llm(
+    cfg: ModelConfig, lora: LoraConfig | None = None, device: str | torch.device = "cpu"
+) -> AudioLLM:
+    """Load encoder, feature extractor, tokenizer and LLM; validate them; add projector + LoRA.
+
+    Every mismatch (mel bins, missing audio token, projector shapes, LoRA targets) is raised here,
+    before any training work.
+    """
+    dtype = DTYPES[cfg.dtype]
+    feature_extractor = load_feature_extractor(cfg.encoder)
+    whisper = load_whisper_encoder(cfg.encoder, dtype)
+    if feature_extractor.feature_size != whisper.config.num_mel_bins:
+        raise AudioLLMError(
+            f"{cfg.encoder}: feature extractor makes {feature_extractor.feature_size} mel bins, "
+            f"the encoder takes {whisper.config.num_mel_bins}"
+        )
+    if not Path(cfg.llm, "config.json").is_file():
+        raise AudioLLMError(f"model.llm {cfg.llm!r} is not a checkpoint folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+    llm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.llm, dtype=dtype)
+    llm.requires_grad_(False)
+    prompts = PromptBuilder(tokenizer, cfg.audio_token, cfg.prompt, cfg.chat_template)
+    vocab_rows = llm.get_input_embeddings().num_embeddings
+    if prompts.audio_token_id >= vocab_rows:
+        raise AudioLLMError(
+            f"audio token {cfg.audio_token!r} has id {prompts.audio_token_id}, outside the LLM's "
+            f"{vocab_rows} embedding rows"
+        )
+
+    projector = AudioProjector(
+        whisper.config.d_model,
+        llm.config.text_config.hidden_size,
+        stack=cfg.stack_factor,
+        kind=cfg.projector,
+        hidden=cfg.projector_hidden,
+    ).to(dtype)
+    if cfg.projector_init:
+        projector.load(cfg.projector_init)
+
+    model = AudioLLM(AudioEncoder(whisper), projector, llm, prompts.audio_token_id)
+    model.tokenizer, model.feature_extractor, model.prompts = tokenizer, feature_extractor, prompts
+    if lora is not None:
+        from audio_llm.lora import apply_lora
+
+        apply_lora(model, lora)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model.to(device)

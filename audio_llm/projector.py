@@ -1,0 +1,85 @@
+"""Trainable bridge from encoder frames to LLM embeddings, with optional frame stacking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from audio_llm.errors import AudioLLMError
+
+
+class AudioProjector(nn.Module):
+    """`[B, F, d_enc]` -> `[B, ceil(F / k), d_llm]`.
+
+    Stacking concatenates k consecutive frames (zero-padding the tail), so the LLM sees k times
+    fewer audio positions; `kind="mlp"` adds a GELU hidden layer as in LLaVA-style projectors.
+    """
+
+    def __init__(
+        self, d_encoder: int, d_llm: int, stack: int = 1, kind: str = "linear", hidden: int = 0
+    ) -> None:
+        super().__init__()
+        self.d_encoder, self.d_llm, self.stack, self.kind = d_encoder, d_llm, stack, kind
+        d_in = d_encoder * stack
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Linear(d_in, d_llm))
+        elif kind == "mlp":
+            hidden = hidden or d_llm
+            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_llm))
+        else:
+            raise AudioLLMError(f"model.projector must be 'linear' or 'mlp' (got {kind!r})")
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + self.stack - 1) // self.stack
+
+    def forward(
+        self, frames: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, num, dim = frames.shape
+        if dim != self.d_encoder:
+            raise AudioLLMError(
+                f"audio features have width {dim} but the projector expects {self.d_encoder} "
+                "(encoder d_model): shards were made with a different encoder"
+            )
+        # Zero frames past each clip's end so stacking never mixes padding into valid positions.
+        valid = torch.arange(num, device=frames.device)[None, :] < lengths[:, None]
+        frames = frames * valid[..., None].to(frames.dtype)
+        pad = (-num) % self.stack
+        if pad:
+            frames = nn.functional.pad(frames, (0, 0, 0, pad))
+        stacked = frames.reshape(batch, (num + pad) // self.stack, dim * self.stack)
+        weight_dtype = self.net[0].weight.dtype
+        return self.net(stacked.to(weight_dtype)), self.output_lengths(lengths)
+
+    def save(self, path: str | Path) -> None:
+        """Safetensors with the shape metadata needed to rebuild the module."""
+        meta = {
+            "d_encoder": str(self.d_encoder),
+            "d_llm": str(self.d_llm),
+            "stack": str(self.stack),
+            "kind": self.kind,
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata=meta)
+
+    def load(self, path: str | Path) -> None:
+        """Load weights saved by `save`; shapes must match this projector."""
+        if not Path(path).is_file():
+            raise AudioLLMError(f"projector weights {str(path)!r} do not exist")
+        state = load_file(str(path))
+        own = self.state_dict()
+        for key, tensor in state.items():
+            if key not in own or own[key].shape != tensor.shape:
+                want = tuple(own[key].shape) if key in own else "absent"
+                raise AudioLLMError(
+                    f"{path}: projector tensor {key} has shape {tuple(tensor.shape)}, this model "
+                    f"needs {want} (d_encoder={self.d_encoder}, d_llm={self.d_llm}, "
+                    f"stack={self.stack}, kind={self.kind}): check model.* against stage 1"
+                )
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise AudioLLMError(f"{path}: projector tensors missing: {missing}")
+        self.load_state_dict(state)

@@ -1,0 +1,228 @@
+"""Tiny offline checkpoints shaped like openai/whisper-* and Qwen/Qwen2-VL-*-Instruct.
+
+`audio-llm tiny --out DIR` writes DIR/whisper and DIR/qwen2vl with `save_pretrained`, so every
+later step loads them through the same `from_pretrained` code that loads the real 7B models.
+Everything is derived from the seed: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+# Qwen2-VL's own special tokens, so prompts and the audio placeholder written for the tiny
+# tokenizer are valid for the real one too.
+QWEN2VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# ChatML as Qwen2-VL-Instruct uses it (string content only: this package sends no images).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny models (defaults: fast enough for unit tests on 2 CPU cores)."""
+
+    n_mels: int = 80
+    whisper_d_model: int = 64
+    whisper_layers: int = 2
+    whisper_heads: int = 4
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 128
+    tokenizer_vocab: int = 512
+
+
+def vocabulary() -> list[str]:
+    """The embedded English word list (deduplicated, in file order)."""
+    text = resources.files("audio_llm.assets").joinpath("words.txt").read_text(encoding="utf-8")
+    words = [w for line in text.splitlines() if not line.startswith("#") for w in line.split()]
+    return list(dict.fromkeys(words))
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = vocabulary()
+    lines = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(3000)]
+    lines += ["Transcribe the audio.", "You are a helpful assistant.", "0 1 2 3 4 5 6 7 8 9"]
+    lines += [w.capitalize() + "." for w in words]
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> Qwen2Tokenizer:
+    """Byte-level BPE with Qwen2's pre-tokenizer, trained on the embedded word list."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN2VL_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer)
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def whisper_config(spec: TinySpec) -> WhisperConfig:
+    return WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=spec.n_mels,
+        d_model=spec.whisper_d_model,
+        encoder_layers=spec.whisper_layers,
+        encoder_attention_heads=spec.whisper_heads,
+        encoder_ffn_dim=4 * spec.whisper_d_model,
+        decoder_layers=1,
+        decoder_attention_heads=spec.whisper_heads,
+        decoder_ffn_dim=4 * spec.whisper_d_model,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        begin_suppress_tokens=None,
+    )
+
+
+def qwen2vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
+    head_dim = spec.llm_hidden // spec.llm_heads
+    # M-RoPE splits head_dim / 2 rotary frequencies over (time, height, width).
+    half = head_dim // 2
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    vocab = -(-len(tokenizer) // 64) * 64  # room to spare, like the real checkpoints
+    return Qwen2VLConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": spec.llm_hidden,
+            "intermediate_size": spec.llm_intermediate,
+            "num_hidden_layers": spec.llm_layers,
+            "num_attention_heads": spec.llm_heads,
+            "num_key_value_heads": spec.llm_kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": spec.llm_hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> dict:
+    """Write DIR/whisper and DIR/qwen2vl; returns their paths. Deterministic per seed."""
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    paths = {"whisper": out / "whisper", "qwen2vl": out / "qwen2vl"}
+
+    torch.manual_seed(seed)
+    whisper = WhisperForConditionalGeneration(whisper_config(spec))
+    whisper.save_pretrained(paths["whisper"])
+    WhisperFeatureExtractor(feature_size=spec.n_mels).save_pretrained(paths["whisper"])
+
+    tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
+    config = qwen2vl_config(spec, tokenizer)
+    torch.manual_seed(seed + 1)
+    llm = Qwen2VLForConditionalGeneration(config)
+    llm.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    llm.save_pretrained(paths["qwen2vl"])
+    tokenizer.save_pretrained(paths["qwen2vl"])
+    return paths
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tiny",
+        help="write tiny offline Whisper + Qwen2-VL checkpoints",
+        description=(
+            "Write OUT/whisper (Whisper seq2seq checkpoint + feature extractor) and OUT/qwen2vl "
+            "(Qwen2-VL model + BPE tokenizer with Qwen2-VL special tokens and chat template), "
+            "randomly initialised from SEED. Point model.encoder / model.llm at them."
+        ),
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    for name, value in asdict(TinySpec()).items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=int, default=value, help=f"default {value}")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = TinySpec(**{k: getattr(args, k) for k in asdict(TinySpec())})
+    paths = write_tiny_models(args.out, args.seed, spec)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0

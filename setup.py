@@ -1,0 +1,42 @@
+"""Install audio_llm: `pip install -e .[dev]` (the Makefile installs a CPU torch first)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="audio_llm",
+    version="0.1.0",
+    description=(
+        "Train speech LLMs: frozen Whisper encoder -> projector -> Qwen2-VL with regex-targeted "
+        "LoRA, on DeepSpeed ZeRO from WebDataset shards."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["audio_llm", "audio_llm.*"]),
+    package_data={"audio_llm": ["assets/*.txt"]},
+    install_requires=[
+        # Loose on purpose: clusters bring their own CUDA torch. The Makefile pins a CPU wheel.
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "peft>=0.17",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.100",
+        "jiwer>=3.0",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "pyyaml>=6.0",
+        "tensorboard>=2.15",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["audio-llm=audio_llm.cli:main"]},
+)

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import yaml
+
+from audio_llm.cli import main
+from audio_llm.config import DEFAULT_LORA_REGEX, Config, explain, load_config
+from audio_llm.errors import AudioLLMError
+
+
+def test_defaults_validate_and_stage_decides_lora():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.lora.target_regex == DEFAULT_LORA_REGEX
+    assert not cfg.use_lora
+    assert load_config(None, ["train.stage=2"]).use_lora
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"train": {"lr": 0.5, "max_steps": 7}, "model": {"stack_factor": 2}})
+    )
+    cfg = load_config(path, ["train.lr=1e-4", "data.batch_size=3"])
+    assert cfg.train.lr == pytest.approx(1e-4)  # "1e-4" is a string to YAML; coerced to float
+    assert cfg.train.max_steps == 7
+    assert cfg.model.stack_factor == 2
+    assert cfg.data.batch_size == 3
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"eval": {"every": 50, "normalizer": "whisper"}}))
+    cfg = load_config(path)
+    assert cfg.eval.every == 50 and cfg.eval.normalizer == "whisper"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "did you mean train.lr"),
+        (["model.projector=conv"], "model.projector must be one of"),
+        (["data.batch_size=x"], "data.batch_size must be an integer"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["model.stack_factor=0"], "model.stack_factor must be >= 1"),
+        (["train.stage=3"], "train.stage must be one of"),
+        (["lora.rank=0"], "lora.rank must be >= 1"),
+        (["nonsense"], "must look like section.key=value"),
+        (["train=1"], "train must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(AudioLLMError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(AudioLLMError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(AudioLLMError, match="cannot parse"):
+        load_config(bad)
+
+
+def test_explain_documents_every_field():
+    lines = explain()
+    assert any(line.startswith("lora.target_regex = ") for line in lines)
+    assert all("  # " in line and not line.endswith("# ") for line in lines)
+
+
+def test_cli_prints_resolved_yaml(capsys):
+    assert main(["config", "train.max_steps=12"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 12
+    assert main(["config", "train.max_steps=zero"]) == 2
+    assert "train.max_steps must be an integer" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
+
+from audio_llm.encoder import AudioEncoder, encoder_frames, load_whisper_encoder, mel_frames
+from audio_llm.errors import AudioLLMError
+
+
+def test_loads_only_the_encoder_of_a_full_checkpoint(tiny_models):
+    full = WhisperForConditionalGeneration.from_pretrained(tiny_models["whisper"])
+    encoder = load_whisper_encoder(tiny_models["whisper"])
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(tensor, full.model.encoder.state_dict()[name]), name
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_non_whisper_folder_is_refused(tiny_models, tmp_path):
+    with pytest.raises(AudioLLMError, match="cannot load a Whisper encoder"):
+        load_whisper_encoder(tmp_path)
+
+
+def _speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    return (tone + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def test_valid_frames_padded_like_the_feature_extractor(tiny_models):
+    """Re-padding valid frames reproduces the stock 30 s input exactly, so outputs agree."""
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_models["whisper"])
+    whisper = load_whisper_encoder(tiny_models["whisper"])
+    encoder = AudioEncoder(whisper)
+    clips = [_speech_like(4.3, 0), _speech_like(11.0, 1)]
+    full = torch.tensor(fe(clips, sampling_rate=16000, return_tensors="np").input_features)
+    lengths = torch.tensor([mel_frames(len(c)) for c in clips])
+    cut = full[:, :, : int(lengths.max())].clone()
+    cut[0, :, int(lengths[0]) :] = 123.0  # junk beyond a clip's end must not matter
+    hidden, out_lengths = encoder(cut, lengths)
+    stock = whisper(full).last_hidden_state
+    assert out_lengths.tolist() == [encoder_frames(int(n)) for n in lengths]
+    for row, n in enumerate(out_lengths.tolist()):
+        # The last output frame's receptive field reaches one mel frame past the clip's end,
+        # which the stock extractor fills from the audio tail; every other frame must agree.
+        torch.testing.assert_close(hidden[row, : n - 1], stock[row, : n - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_longer_than_30s_is_an_error_not_a_silent_cut(tiny_models):
+    encoder = AudioEncoder(load_whisper_encoder(tiny_models["whisper"]))
+    with pytest.raises(AudioLLMError, match="30 s"):
+        encoder(torch.zeros(1, 80, 3100), torch.tensor([3100]))
+
+
+def test_frame_arithmetic():
+    assert mel_frames(16000) == 100
+    assert encoder_frames(3000) == 1500
+    assert encoder_frames(1) == 1 and encoder_frames(2) == 1 and encoder_frames(3) == 2
+
+
+def test_stays_frozen_in_train_mode(tiny_models):
+    encoder = AudioEncoder(load_whisper_encoder(tiny_models["whisper"]))
+    encoder.train()
+    assert not encoder.training and not encoder.whisper.training

@@ -1,0 +1,147 @@
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from audio_llm.config import LoraConfig
+from audio_llm.errors import AudioLLMError
+from audio_llm.model import build_audio_llm
+from audio_llm.projector import AudioProjector
+from audio_llm.text import IGNORE_INDEX
+from tests.helpers import generation_batch, training_batch
+
+TEXTS = ["the red fox runs", "hello world\r\n"]
+
+
+@pytest.fixture(scope="module")
+def stage2(model_config):
+    torch.manual_seed(0)
+    return build_audio_llm(model_config, LoraConfig())
+
+
+def test_forward_backward_grads_only_on_trainable(stage2):
+    stage2.train()
+    stage2.zero_grad()
+    batch = training_batch(stage2, [300, 170], TEXTS)
+    loss = stage2(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = stage2.trainable_parameters()
+    assert trainable and all(n.startswith("projector.") or ".lora_" in n for n in trainable), (
+        sorted(trainable)[:5]
+    )
+    for name, p in stage2.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert all(p.grad is None for p in stage2.encoder.parameters())
+    # lora_B starts at zero, so the first step moves B (A's gradient flows through B)
+    assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+
+
+def test_exactly_the_transcript_positions_contribute(stage2):
+    """The loss is the mean CE over transcript + end-of-turn tokens and nothing else, even when
+    the caller's labels also mark placeholder and padding positions."""
+    stage2.eval()
+    batch = training_batch(stage2, [300, 170], TEXTS)
+    # Careless labels: everything is a target. The model must still mask audio and padding.
+    careless = batch["input_ids"].clone()
+    out = stage2(**{**batch, "labels": careless})
+    expected = stage2(**batch)
+
+    logits = expected.logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    manual = nn.functional.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(expected.loss, manual)
+
+    # careless labels differ from `labels` only by prompt-text targets; drop those and compare
+    prompt_text = (batch["labels"] == IGNORE_INDEX) & (batch["input_ids"] != stage2.audio_token_id)
+    prompt_text &= batch["attention_mask"].bool()
+    fixed = careless.masked_fill(prompt_text, IGNORE_INDEX)
+    torch.testing.assert_close(stage2(**{**batch, "labels": fixed}).loss, expected.loss)
+    assert not torch.allclose(out.loss, expected.loss)  # prompt text does count if labelled
+
+    # the learned positions are exactly the transcript tokens + <|im_end|> of each row
+    for row, text in enumerate(["the red fox runs", "hello world"]):
+        ids = batch["input_ids"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert stage2.tokenizer.decode(ids) == text + "<|im_end|>"
+
+
+def test_precomputed_encoder_outputs_give_the_same_loss(stage2):
+    stage2.eval()
+    batch = training_batch(stage2, [300, 170], TEXTS)
+    live = stage2(**batch).loss
+    hidden, lengths = stage2.encoder(batch["input_features"], batch["feature_lengths"])
+    pre = {k: v for k, v in batch.items() if k not in ("input_features", "feature_lengths")}
+    precomputed = stage2(**pre, audio_embeds=hidden, audio_lengths=lengths).loss
+    torch.testing.assert_close(live, precomputed)
+
+
+def test_placeholder_count_mismatch_names_the_row(stage2):
+    batch = training_batch(stage2, [300, 170], TEXTS)
+    batch["feature_lengths"] = torch.tensor([300, 200])
+    with pytest.raises(AudioLLMError, match="batch row 1: .* audio placeholders for"):
+        stage2(**batch)
+
+
+def test_generate_is_batch_invariant(stage2):
+    stage2.eval()
+    features = torch.randn(2, 80, 300, generator=torch.Generator().manual_seed(1))
+    both = stage2.generate(**generation_batch(stage2, [300, 120], features), max_new_tokens=6)
+    alone = stage2.generate(
+        **generation_batch(stage2, [120], features[1:, :, :120]), max_new_tokens=6
+    )
+    assert len(both) == 2 and all(isinstance(t, int) for t in both[0])
+    assert both[1] == alone[0]
+    # a training forward after generate() is unaffected by generate's cached M-RoPE state
+    batch = training_batch(stage2, [300, 170], TEXTS)
+    assert torch.isfinite(stage2(**batch).loss)
+
+
+def test_stage1_trains_the_projector_only(model_config):
+    model = build_audio_llm(model_config)
+    assert set(model.trainable_parameters()) == {"projector.net.0.weight", "projector.net.0.bias"}
+
+
+def test_stacking_shrinks_the_audio_span(model_config):
+    model = build_audio_llm(dataclasses.replace(model_config, stack_factor=4, projector="mlp"))
+    assert model.num_audio_tokens(300) == 38  # 150 encoder frames / 4, rounded up
+    batch = training_batch(model, [300, 170], TEXTS)
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_missing_placeholder_token_fails_before_training(model_config):
+    with pytest.raises(AudioLLMError, match="not a token of the tokenizer"):
+        build_audio_llm(dataclasses.replace(model_config, audio_token="<|audio_pad|>"))
+
+
+def test_projector_dims_mismatch_fails_at_start(model_config, tmp_path):
+    AudioProjector(64, 32).save(tmp_path / "other.safetensors")
+    cfg = dataclasses.replace(model_config, projector_init=str(tmp_path / "other.safetensors"))
+    with pytest.raises(AudioLLMError, match="projector tensor .* has shape"):
+        build_audio_llm(cfg)
+
+
+def test_feature_extractor_encoder_mismatch_fails_at_start(model_config, tmp_path):
+    folder = tmp_path / "whisper"
+    shutil.copytree(model_config.encoder, folder)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre["feature_size"] = 128
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(AudioLLMError, match="128 mel bins, the encoder takes 80"):
+        build_audio_llm(dataclasses.replace(model_config, encoder=str(folder)))
+
+
+def test_regex_matching_nothing_fails_at_start(model_config):
+    with pytest.raises(AudioLLMError, match="match no LLM projection"):
+        build_audio_llm(model_config, LoraConfig(target_regex=r"model\.layers\.\d+\.mlp\.up_proj"))
+
+
+def test_missing_llm_folder(model_config, tmp_path):
+    with pytest.raises(AudioLLMError, match="not a checkpoint folder"):
+        build_audio_llm(dataclasses.replace(model_config, llm=str(tmp_path)))

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from audio_llm.errors import AudioLLMError
+from audio_llm.projector import AudioProjector
+
+
+@pytest.mark.parametrize(("stack", "kind"), [(1, "linear"), (4, "linear"), (3, "mlp")])
+def test_stacking_shapes_and_lengths(stack, kind):
+    proj = AudioProjector(8, 16, stack=stack, kind=kind)
+    out, lengths = proj(torch.randn(2, 10, 8), torch.tensor([10, 5]))
+    assert out.shape == (2, -(-10 // stack), 16)
+    assert lengths.tolist() == [-(-10 // stack), -(-5 // stack)]
+
+
+def test_frames_past_the_end_never_leak_into_valid_positions():
+    proj = AudioProjector(4, 6, stack=4)
+    frames = torch.randn(1, 8, 4)
+    noisy = frames.clone()
+    noisy[:, 6:] = 1e6  # padding beyond length 6
+    a, _ = proj(frames, torch.tensor([6]))
+    b, _ = proj(noisy, torch.tensor([6]))
+    torch.testing.assert_close(a[:, :2], b[:, :2])
+
+
+def test_stack_concatenates_consecutive_frames():
+    proj = AudioProjector(2, 3, stack=2)
+    frames = torch.arange(8.0).reshape(1, 4, 2)
+    stacked_input = torch.tensor([[[0.0, 1, 2, 3], [4, 5, 6, 7]]])
+    out, _ = proj(frames, torch.tensor([4]))
+    torch.testing.assert_close(out, proj.net(stacked_input))
+
+
+def test_wrong_width_is_refused():
+    with pytest.raises(AudioLLMError, match="width 5 but the projector expects 8"):
+        AudioProjector(8, 16)(torch.randn(1, 3, 5), torch.tensor([3]))
+
+
+def test_save_load_round_trip_and_shape_check(tmp_path):
+    proj = AudioProjector(8, 16, stack=2, kind="mlp")
+    proj.save(tmp_path / "p.safetensors")
+    again = AudioProjector(8, 16, stack=2, kind="mlp")
+    again.load(tmp_path / "p.safetensors")
+    for key, value in proj.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+    with pytest.raises(AudioLLMError, match="needs .* check model"):
+        AudioProjector(8, 32, stack=2, kind="mlp").load(tmp_path / "p.safetensors")
+    with pytest.raises(AudioLLMError, match="do not exist"):
+        again.load(tmp_path / "missing.safetensors")
