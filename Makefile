@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install system-deps test lint format demo clean
+.PHONY: install system-deps test lint format demo sample-shards clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ system-deps:
 
 demo: install system-deps
 	$(BIN)/python -m audio_llm.demo
+
+# Rebuilds shards/sample/ (espeak-ng speech packed by `audio-llm pack`); byte-identical each time.
+sample-shards: install system-deps
+	$(BIN)/python shards/make_samples.py
 
 clean:
 	rm -rf $(VENV) .cache runs build *.egg-info

@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("audio_llm.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
     "lora-targets": ("audio_llm.lora", "show which modules a LoRA regex hits, per component"),
     "config": ("audio_llm.config", "print the resolved training config (file + overrides)"),
+    "pack": (
+        "audio_llm.pack",
+        "build WebDataset shards + index.json from manifests/LibriSpeech/Kaldi dirs",
+    ),
 }
 
 

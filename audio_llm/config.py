@@ -89,8 +89,12 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = opt("", "Training shards: paths, brace patterns or pipe: URLs.")
-    eval_shards: str = opt("", "Held-out shards for WER during training.")
+    train_shards: str = opt(
+        "", "Training shards: a packed folder (or its index.json), or brace/pipe: URLs."
+    )
+    train_index: str = opt("", "index.json for URL shard specs (a packed folder has its own).")
+    eval_shards: str = opt("", "Held-out shards for WER during training (same forms).")
+    eval_index: str = opt("", "index.json for URL eval shard specs.")
     batch_size: int = opt(8, "Micro-batch size per rank.")
     num_workers: int = opt(2, "DataLoader workers per rank.")
     shuffle_buffer: int = opt(1000, "Samples held in the shuffle buffer.")

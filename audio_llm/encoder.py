@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -70,15 +71,31 @@ def encoder_frames(num_mel_frames: torch.Tensor | int) -> torch.Tensor | int:
     return (num_mel_frames - 1) // ENCODER_DOWNSAMPLE + 1
 
 
-def encoder_identity(config: WhisperConfig, path: str | Path) -> dict:
-    """What must agree between precomputed encoder shards and the encoder a run uses."""
-    return {
+def encoder_identity(whisper: WhisperEncoder | WhisperConfig, path: str | Path) -> dict:
+    """What must agree between precomputed encoder shards and the encoder a run uses: the
+    architecture, and (given the module) a fingerprint of its weights, so two checkpoints of the
+    same shape are still told apart."""
+    config = whisper if isinstance(whisper, WhisperConfig) else whisper.config
+    identity = {
         "name_or_path": str(path),
         "d_model": config.d_model,
         "encoder_layers": config.encoder_layers,
         "num_mel_bins": config.num_mel_bins,
         "max_source_positions": config.max_source_positions,
     }
+    if isinstance(whisper, nn.Module):
+        digest = hashlib.sha256()
+        # First and last weights: cheap even for large-v3, and any fine-tune changes them.
+        # Rounded to bf16 first, so loading in float32 or bf16 gives the same fingerprint.
+        for tensor in (
+            whisper.conv1.weight,
+            whisper.layers[-1].fc2.weight,
+            whisper.layer_norm.weight,
+        ):
+            rounded = tensor.detach().to(torch.bfloat16).float().cpu()
+            digest.update(rounded.numpy().tobytes())
+        identity["weights_sha256"] = digest.hexdigest()[:16]
+    return identity
 
 
 class AudioEncoder(nn.Module):

@@ -1,0 +1,360 @@
+"""The streaming dataset: named stages from tar shards to collated batches, resumable exactly.
+
+Stages, per (rank, worker), all seeded from (seed, epoch, rank, worker):
+  read shards (only the `.json` and payload members; others are never decoded, nothing is
+  unpickled) -> parse json -> length policy (30 s window, max_length) -> shuffle buffer ->
+  batches of `batch_size` up to the worker's quota -> decode payloads -> collate.
+Payloads are decoded only for batches that are yielded, so resuming skips the batches already
+consumed by replaying the cheap stages without decoding audio.
+
+The position is (epoch, batches consumed per worker), kept by `ShardLoader` in the main process
+from what the trainer actually received; a resumed run continues with the next unseen batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from audio_llm.data.collate import AudioSample, Collator, frames_of
+from audio_llm.data.shards import EpochPlan, ShardInfo, ShardSet, plan_epoch
+from audio_llm.encoder import ENCODER_DOWNSAMPLE, HOP_LENGTH, MEL_FRAMES_PER_WINDOW
+from audio_llm.errors import AudioLLMError
+
+log = logging.getLogger("audio_llm.data")
+LOG_FIRST = 5  # problems named per reason before the log only counts every LOG_EVERY-th
+LOG_EVERY = 100
+MAX_SAMPLES_30S = MEL_FRAMES_PER_WINDOW * HOP_LENGTH
+
+
+class _Problems:
+    """Counts problems by reason and logs them, rate limited, naming shard and sample."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def __call__(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            log.warning("%s: %s%s (%d so far)", reason, where, f": {detail}" if detail else "", n)
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes a stream through while hashing it, so a shard is checked as it is read."""
+
+    def __init__(self, stream: io.IOBase) -> None:
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.stream.read(len(buffer))
+        self.digest.update(data)
+        self.size += len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.stream.read(1 << 20):
+            pass
+
+
+def read_shard(shard: ShardInfo, payload: str, problems: _Problems) -> Iterator[dict]:
+    """Raw samples `{"__key__", "json", payload}` (bytes) of one tar shard, in order.
+
+    A corrupt or truncated shard ends early; its incomplete last sample is dropped. Reading ends
+    with the shard's sha256 and sample count checked against the index, so damage that tar itself
+    does not notice (a cut at a member boundary) is still counted and named.
+    """
+    wanted = {"json", payload}
+    current: dict | None = None
+    count = 0
+    try:
+        with wds.gopen(shard.url, "rb") as raw_stream:
+            reader = _HashingReader(raw_stream)
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, suffix = base.partition(".")
+                    if not dot:
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    if current is None or current["__key__"] != key:
+                        if current is not None:
+                            count += 1
+                            yield current
+                        current = {"__key__": key, "__url__": shard.url}
+                    if suffix in wanted:
+                        current[suffix] = tar.extractfile(member).read()
+                    else:
+                        problems("ignored_member", f"{shard.url}:{member.name}", "not read")
+            if current is not None:
+                count += 1
+                yield current
+            reader.drain()
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        problems("corrupt_shard", shard.url, f"{type(exc).__name__}: {exc}; rest of shard skipped")
+        return
+    if shard.sha256 and reader.digest.hexdigest() != shard.sha256:
+        problems(
+            "corrupt_shard", shard.url, f"sha256 differs from the index ({count} samples read)"
+        )
+    elif count != shard.samples:
+        problems("corrupt_shard", shard.url, f"{count} samples, the index lists {shard.samples}")
+
+
+class ShardStream(IterableDataset):
+    """Batches for one rank; each DataLoader worker streams its own shards (see module doc)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        collator: Collator,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        long_audio: str = "skip",
+    ) -> None:
+        if collator.mode != shards.mode:
+            raise AudioLLMError(f"collator mode {collator.mode} != shard mode {shards.mode}")
+        self.shards = shards
+        self.collator = collator
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = max(shuffle_buffer, 1)
+        self.long_audio = long_audio
+        self.epoch = 0
+        self.consumed: list[int] = [0] * max(num_workers, 1)
+        self.plan(0)  # fail now, not in a worker: too few shards, too little data
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(
+            self.shards.shards,
+            self.world_size,
+            self.num_workers,
+            self.batch_size,
+            self.seed,
+            epoch,
+        )
+
+    def set_position(self, epoch: int, consumed: list[int]) -> None:
+        """Start the next iteration at `epoch`, skipping `consumed[w]` batches of worker w."""
+        self.epoch, self.consumed = epoch, list(consumed)
+
+    # -- stages -----------------------------------------------------------------------------
+    def _pass(
+        self, shards: list[ShardInfo], worker: int, pass_no: int, problems: _Problems
+    ) -> Iterator[tuple[dict, dict, int]]:
+        """One read over the worker's shards: (raw, meta, frames) that pass the length policy."""
+        payload, mode = self.shards.payload, self.shards.mode
+        limit = MEL_FRAMES_PER_WINDOW // (ENCODER_DOWNSAMPLE if mode == "encoder" else 1)
+        order = list(shards)
+        random.Random(f"pass:{self.seed}:{self.epoch}:{self.rank}:{worker}:{pass_no}").shuffle(
+            order
+        )
+        usable = 0
+        for shard in order:
+            for raw in read_shard(shard, payload, problems):
+                where = f"{shard.url}:{raw['__key__']}"
+                if "json" not in raw or payload not in raw:
+                    problems("incomplete_sample", where, f"needs .json and .{payload}")
+                    continue
+                try:
+                    meta = json.loads(raw["json"])
+                    frames = frames_of(meta, mode)
+                    if not isinstance(meta["text"], str):
+                        raise TypeError("text is not a string")
+                except (ValueError, KeyError, TypeError) as exc:
+                    problems("bad_json", where, repr(exc))
+                    continue
+                if frames > limit:
+                    if self.long_audio == "skip":
+                        problems("too_long_audio", where, f"{frames} frames > {limit}")
+                        continue
+                    frames = limit
+                    problems("truncated_audio", where)
+                example = self.collator.encode(meta, frames)
+                if example is None:
+                    problems("over_max_length", where, f"> {self.collator.max_length} tokens")
+                    continue
+                usable += 1
+                yield raw, {**meta, "_example": example, "_pass": pass_no}, frames
+        if usable == 0:
+            names = ", ".join(s.name for s in shards)
+            raise AudioLLMError(f"rank {self.rank} worker {worker}: no usable sample in {names}")
+
+    def _items(self, shards: list[ShardInfo], worker: int, problems: _Problems) -> Iterator:
+        """Shuffled samples, pass after pass. Each pass is drained before the next starts, so
+        samples repeat only once every sample of the worker's shards has been used."""
+        rng = random.Random(f"shuffle:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        pass_no = 0
+        while True:
+            yield from self._shuffled(self._pass(shards, worker, pass_no, problems), rng)
+            pass_no += 1
+
+    def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
+        buffer: list = []
+        for item in items:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            i = rng.randrange(len(buffer))
+            yield buffer[i]
+            buffer[i] = item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, raw: dict, meta: dict, frames: int) -> AudioSample:
+        data = raw[self.shards.payload]
+        sample = AudioSample(
+            key=raw["__key__"],
+            text=meta["text"],
+            prompt=meta.get("prompt"),
+            seconds=float(meta.get("duration", 0.0)),
+            example=meta["_example"],
+        )
+        if self.shards.mode == "audio":
+            from audio_llm.audio import decode_flac
+
+            sample.audio = decode_flac(data, raw["__key__"])[:MAX_SAMPLES_30S]
+            if len(sample.audio) // HOP_LENGTH != frames:
+                raise ValueError(f"{len(sample.audio)} samples, json says {frames} mel frames")
+            return sample
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if self.shards.mode == "mel":
+            sample.mel = array[:, :frames]
+            got = sample.mel.shape[1]
+        else:
+            sample.enc = array[:frames]
+            got = sample.enc.shape[0]
+        if got != frames or array.ndim != 2:
+            raise ValueError(f"payload has shape {array.shape}, json says {frames} frames")
+        return sample
+
+    def _collate(self, batch: list, problems: _Problems, last_good: list) -> dict:
+        """Decode and collate; an undecodable sample is replaced by a good one of the same
+        batch, so the batch count (and resume arithmetic) never depends on decoding."""
+        decoded: list[AudioSample | None] = []
+        for raw, meta, frames in batch:
+            try:
+                decoded.append(self._decode(raw, meta, frames))
+            except Exception as exc:  # any payload problem: count, name, replace
+                problems("undecodable", f"{raw['__url__']}:{raw['__key__']}", repr(exc))
+                decoded.append(None)
+        good = [s for s in decoded if s is not None] or last_good
+        if not good:
+            raise AudioLLMError(f"no decodable sample in a batch from {batch[0][0]['__url__']}")
+        last_good[:] = good
+        return self.collator([s if s is not None else good[0] for s in decoded])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        plan = self.plan(self.epoch)
+        slot = (self.rank, worker)
+        quota, skip = plan.quotas[slot], self.consumed[worker]
+        if worker == 0 and self.rank == 0 and skip == 0:
+            log.info(plan.describe(self.rank))
+        problems = _Problems()
+        items = self._items(plan.assignments[slot], worker, problems)
+        reported: Counter = Counter()
+        last_good: list = []
+        for index in range(quota):
+            batch = [next(items) for _ in range(self.batch_size)]
+            for raw, meta, _ in batch:
+                if meta["_pass"]:
+                    problems("repeated_to_fill_quota", f"{raw['__url__']}:{raw['__key__']}")
+            if index < skip:
+                reported = Counter(problems.counts)  # already counted before the restart
+                continue
+            out = self._collate(batch, problems, last_good)
+            delta = problems.counts - reported
+            reported = Counter(problems.counts)
+            out["stream"] = {
+                "epoch": self.epoch,
+                "worker": worker,
+                "index": index,
+                "problems": dict(delta),
+            }
+            yield out
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # loader workers share the node's cores with the training ranks
+
+
+class ShardLoader:
+    """Endless batches, epoch after epoch, with an exact, saveable stream position.
+
+    `state_dict()` is (epoch, batches consumed per worker, problem counts); `load_state_dict` in a
+    new process makes the next batch the first one this position had not yet delivered.
+    """
+
+    def __init__(self, stream: ShardStream, prefetch_factor: int = 2) -> None:
+        self.stream = stream
+        self.prefetch_factor = prefetch_factor
+        self.workers = max(stream.num_workers, 1)
+        self.epoch = 0
+        self.consumed = [0] * self.workers
+        self.problems: Counter = Counter()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.stream.plan(self.epoch).batches_per_rank
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self.consumed),
+            "problems": dict(self.problems),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["consumed"]) != self.workers:
+            raise AudioLLMError(
+                f"the saved data position is for {len(state['consumed'])} loader workers, this "
+                f"run has {self.workers}: resume with the same data.num_workers"
+            )
+        self.epoch = int(state["epoch"])
+        self.consumed = [int(c) for c in state["consumed"]]
+        self.problems = Counter(state.get("problems", {}))
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            self.stream.set_position(self.epoch, self.consumed)
+            workers = self.stream.num_workers
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=workers,
+                worker_init_fn=_worker_init if workers else None,
+                prefetch_factor=self.prefetch_factor if workers else None,
+            )
+            for batch in loader:
+                meta = batch.pop("stream")
+                self.consumed[meta["worker"]] += 1
+                self.problems.update(meta["problems"])
+                yield batch
+            self.epoch += 1
+            self.consumed = [0] * self.workers

@@ -1,0 +1,119 @@
+"""Whisper log-mel features in torch, on valid frames only, for one clip or a padded batch.
+
+Matches `WhisperFeatureExtractor` applied to the *unpadded* clip: a centred STFT (n_fft 400,
+hop 160, periodic Hann window, reflect padding), power spectrum, the extractor's Slaney mel
+filters, the last STFT frame dropped, log10 with a 1e-10 floor, a clamp at the clip's max - 8 and
+(x + 4) / 4. The extractor itself pads every clip to 30 s, which moves the clamp and costs 3,000
+frames per clip; here each clip keeps its own `num_samples // 160` frames, and a batch gives each
+row exactly what the clip alone would give, so features can be computed live on the GPU or
+precomputed by `pack`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import WhisperFeatureExtractor
+
+from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
+from audio_llm.errors import AudioLLMError
+
+N_FFT = 400
+LOG_FLOOR = 1e-10  # log10 floor: digital silence becomes -10, i.e. -1.5 after rescaling
+DYNAMIC_RANGE = 8.0  # log10 units kept below each clip's loudest bin
+
+
+def feature_settings(extractor: WhisperFeatureExtractor) -> dict:
+    """The extractor settings recorded beside precomputed features; rejects ones we don't match."""
+    settings = {
+        "sampling_rate": int(extractor.sampling_rate),
+        "n_mels": int(extractor.feature_size),
+        "hop_length": int(extractor.hop_length),
+        "n_fft": int(extractor.n_fft),
+    }
+    expected = {"sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "n_fft": N_FFT}
+    for key, value in expected.items():
+        if settings[key] != value:
+            raise AudioLLMError(
+                f"feature extractor has {key}={settings[key]}, but audio_llm computes Whisper "
+                f"features with {key}={value}; use a stock Whisper preprocessor_config.json"
+            )
+    return settings
+
+
+def _filters(mel_filters: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    filters = torch.as_tensor(mel_filters, dtype=torch.float32, device=device)
+    if filters.ndim != 2 or filters.shape[0] != N_FFT // 2 + 1:
+        raise AudioLLMError(
+            f"mel_filters must be [{N_FFT // 2 + 1}, n_mels] "
+            f"(WhisperFeatureExtractor.mel_filters), got {tuple(filters.shape)}"
+        )
+    return filters
+
+
+def log_mel_batch(
+    waveforms: torch.Tensor,
+    lengths: torch.Tensor,
+    mel_filters: np.ndarray | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel of zero-padded 16 kHz clips `[B, S]` with `lengths [B]` (samples).
+
+    Returns `(features [B, n_mels, S // 160], frame_lengths [B])`, where `frame_lengths` is
+    `lengths // 160` and row b's first `frame_lengths[b]` frames equal `log_mel(clip_b)`. Frames
+    past a clip's end hold the value Whisper's own zero padding gives (max(clip max - 2, -1.5)).
+    Each clip needs more than 200 samples (the reflect padding of a centred STFT).
+    """
+    if waveforms.ndim != 2:
+        raise AudioLLMError(f"waveforms must be [batch, samples], got {tuple(waveforms.shape)}")
+    device = waveforms.device
+    waveforms = waveforms.to(torch.float32)
+    batch, samples = waveforms.shape
+    lengths = torch.as_tensor(lengths, device=device).long()
+    if int(lengths.min()) <= N_FFT // 2 or int(lengths.max()) > samples:
+        raise AudioLLMError(
+            f"clip lengths must be in ({N_FFT // 2}, {samples}] samples, got {lengths.tolist()}"
+        )
+    half = N_FFT // 2
+
+    # A batched torch.stft would reflect-pad only at the batch's end, so each row's tail frames
+    # would see zeros instead of its own reflection. Build each row's centred, reflect-padded
+    # signal with one gather instead: index i reads clip sample i - half, mirrored at both ends.
+    source = torch.arange(samples + 2 * half, device=device) - half
+    source = source[None, :].expand(batch, -1)
+    last = (lengths - 1)[:, None]
+    source = source.abs()  # left edge: x[-j] -> x[j]
+    source = torch.where(
+        source > last, 2 * last - source, source
+    )  # right edge: x[L-1+j] -> x[L-1-j]
+    padded = torch.gather(waveforms, 1, source.clamp(0, samples - 1))
+
+    window = torch.hann_window(N_FFT, device=device)
+    stft = torch.stft(padded, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # drop the last frame, as Whisper does
+    mel = _filters(mel_filters, device).T @ power  # [B, n_mels, S // 160]
+    log_spec = torch.clamp(mel, min=LOG_FLOOR).log10()
+
+    frame_lengths = torch.div(lengths, HOP_LENGTH, rounding_mode="floor")
+    valid = torch.arange(log_spec.shape[-1], device=device)[None, :] < frame_lengths[:, None]
+    # The clamp is relative to the clip's own loudest valid frame, not to padding or other rows.
+    clip_max = log_spec.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=(1, 2))
+    log_spec = torch.maximum(log_spec, (clip_max - DYNAMIC_RANGE)[:, None, None])
+    features = (log_spec + 4.0) / 4.0
+    pad_value = torch.clamp((clip_max + 4.0) / 4.0 - DYNAMIC_RANGE / 4.0, min=-1.5)
+    features = torch.where(valid[:, None, :], features, pad_value[:, None, None])
+    return features, frame_lengths
+
+
+def log_mel(
+    audio: np.ndarray | torch.Tensor, mel_filters: np.ndarray | torch.Tensor
+) -> torch.Tensor:
+    """Log-mel `[n_mels, num_samples // 160]` of one unpadded 16 kHz mono clip (any device).
+
+    `mel_filters` is `WhisperFeatureExtractor.mel_filters` (`[201, n_mels]`).
+    """
+    waveform = torch.as_tensor(audio, dtype=torch.float32)
+    if waveform.ndim != 1:
+        raise AudioLLMError(f"log_mel expects mono [samples] audio, got {tuple(waveform.shape)}")
+    lengths = torch.tensor([waveform.shape[0]], device=waveform.device)
+    features, _ = log_mel_batch(waveform[None], lengths, mel_filters)
+    return features[0]
