@@ -28,6 +28,8 @@ setup(
         "deepspeed>=0.16",
         "webdataset>=0.2.100",
         "jiwer>=3.0",
+        "whisper-normalizer>=0.1.15",  # Whisper's English normaliser, packaged (tested 0.1.15)
+        "regex>=2022.1",
         "numpy>=1.24",
         "soundfile>=0.12",
         "soxr>=0.3",
@@ -36,7 +38,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "torchmetrics>=1.0"],
     },
     entry_points={"console_scripts": ["audio-llm=audio_llm.cli:main"]},
 )

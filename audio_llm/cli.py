@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "audio_llm.pack",
         "build WebDataset shards + index.json from manifests/LibriSpeech/Kaldi dirs",
     ),
+    "wer": ("audio_llm.wer", "score hypotheses against references: WER, CER, bootstrap interval"),
+    "eval": ("audio_llm.evaluate", "transcribe shards with a trained model and report WER"),
+    "export": ("audio_llm.export", "bundle a training run into a folder transcribe/eval load"),
+    "transcribe": ("audio_llm.transcribe", "transcribe audio files of any length"),
 }
 
 

@@ -137,13 +137,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = opt(0, "Run WER on data.eval_shards every N steps (0: off).")
+    every: int = opt(0, "Run WER on data.eval_shards every N steps and at the end (0: off).")
+    at_start: bool = opt(False, "Also score the model before the first step.")
+    limit: int = opt(0, "Score at most this many eval samples during training (0: all).")
+    batch_size: int = opt(8, "Generation batch size per rank.")
     max_new_tokens: int = opt(128, "Generation length cap.")
     num_beams: int = opt(1, "Beam size (1: greedy).")
     normalizer: Literal["none", "basic", "whisper"] = opt("basic", "Text normaliser for WER.")
 
     def __post_init__(self) -> None:
-        _check(self.every >= 0 and self.max_new_tokens >= 1 and self.num_beams >= 1, "bad eval.*")
+        _check(self.every >= 0, f"eval.every must be >= 0 (got {self.every})")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+        _check(self.num_beams >= 1 and self.batch_size >= 1, "eval.num_beams/batch_size >= 1")
+        _check(self.limit >= 0, "eval.limit must be >= 0")
 
 
 @dataclass

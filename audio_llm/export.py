@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import load_file
 from torch import nn
 
 from audio_llm.errors import AudioLLMError
@@ -28,13 +29,19 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; exports are shared
         model.projector.save(tmp / PROJECTOR_FILE)
         has_lora = hasattr(model.llm, "peft_config")
         if has_lora:
             save_adapter(model, tmp / ADAPTER_DIR)
-            for path in (tmp / ADAPTER_DIR).glob("*.safetensors"):
-                if path.stat().st_size == 0:
-                    raise AudioLLMError(f"{path.name} is empty: the adapter was not gathered")
+        # Under ZeRO-3 an ungathered parameter saves as a 0-element tensor: refuse, loudly.
+        for path in tmp.rglob("*.safetensors"):
+            empty = [k for k, v in load_file(path).items() if v.numel() == 0]
+            if empty:
+                raise AudioLLMError(
+                    f"{path.name}: {len(empty)} empty tensors (e.g. {empty[0]}); the weights "
+                    "were not gathered from the ZeRO-3 partitions"
+                )
         manifest = {
             "projector": PROJECTOR_FILE,
             "adapter": ADAPTER_DIR if has_lora else None,
@@ -54,3 +61,133 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- a self-contained inference folder ---------------------------------------------------------
+BUNDLE_FILE = "audio_llm.json"
+BUNDLE_FORMAT = 1
+
+
+def _run_model_config(run_dir: Path):
+    from audio_llm.config import load_config
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise AudioLLMError(f"{run_dir}: no config.yaml (is it a training run folder?)")
+    cfg = load_config(config)
+    weights = run_dir / "export"
+    if not (weights / PROJECTOR_FILE).is_file():
+        raise AudioLLMError(f"{run_dir}: no export/{PROJECTOR_FILE}; has the run saved a step?")
+    return cfg, weights
+
+
+def load_for_inference(
+    run: str | Path | None = None,
+    export: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> nn.Module:
+    """An AudioLLM ready to transcribe, from a training run folder or a bundle from `export`."""
+    from peft import PeftModel
+
+    from audio_llm.model import build_audio_llm
+
+    if (run is None) == (export is None):
+        raise AudioLLMError("give exactly one of --run RUN_DIR or --export DIR")
+    if run is not None:
+        cfg, weights = _run_model_config(Path(run))
+        model_cfg = cfg.model
+        model_cfg.projector_init = str(weights / PROJECTOR_FILE)
+        adapter = weights / ADAPTER_DIR if (weights / ADAPTER_DIR).is_dir() else None
+    else:
+        from audio_llm.config import ModelConfig
+
+        folder = Path(export)
+        bundle_path = folder / BUNDLE_FILE
+        if not bundle_path.is_file():
+            raise AudioLLMError(f"{folder}: no {BUNDLE_FILE}; make one with `audio-llm export`")
+        bundle = json.loads(bundle_path.read_text())
+        fields = dict(bundle["model"])
+        for key in ("encoder", "llm", "projector_init"):
+            if not Path(fields[key]).is_absolute() and (folder / fields[key]).exists():
+                fields[key] = str(folder / fields[key])
+        model_cfg = ModelConfig(**fields)
+        adapter = folder / bundle["adapter"] if bundle.get("adapter") else None
+    if dtype is not None:
+        model_cfg.dtype = dtype
+    elif device == "cpu":
+        model_cfg.dtype = "float32"
+    model = build_audio_llm(model_cfg, None, device=device)
+    if adapter is not None:
+        model.llm = PeftModel.from_pretrained(model.llm, str(adapter)).to(device)
+    return model.eval()
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
+    """`audio-llm export`: encoder + feature extractor, projector, adapter (or merged LLM),
+    tokenizer and config in one folder, written under a temporary name and renamed."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    model = load_for_inference(run=run_dir)
+    cfg, weights = _run_model_config(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        model.encoder.whisper.save_pretrained(tmp / "encoder")
+        model.feature_extractor.save_pretrained(tmp / "encoder")
+        shutil.copy2(weights / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
+        fields = dict(cfg.model.__dict__)
+        fields.update(encoder="encoder", projector_init=PROJECTOR_FILE, dtype=cfg.model.dtype)
+        adapter = None
+        if merge and hasattr(model.llm, "peft_config"):
+            model.llm.merge_and_unload().save_pretrained(tmp / "llm")
+            model.tokenizer.save_pretrained(tmp / "llm")
+            fields["llm"] = "llm"
+        elif hasattr(model.llm, "peft_config"):
+            shutil.copytree(weights / ADAPTER_DIR, tmp / ADAPTER_DIR)
+            adapter = ADAPTER_DIR
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "model": fields,
+            "adapter": adapter,
+            "merged": bool(merge and adapter is None and fields["llm"] == "llm"),
+            "source_run": str(run_dir),
+            "trained": json.loads((weights / MANIFEST_FILE).read_text()),
+        }
+        (tmp / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="bundle a training run into a folder that transcribe/eval load",
+        description=(
+            "Write OUT with the encoder + feature extractor, the projector, the LoRA adapter (or, "
+            "with --merge, the LLM with LoRA merged in) and the model config, so `audio-llm "
+            "transcribe/eval --export OUT` work without the run folder. Without --merge the "
+            "base LLM is referenced by its path (model.llm of the run)."
+        ),
+    )
+    p.add_argument("--run", required=True, help="training run folder (train.out_dir)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into a full LLM copy")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    out = export_bundle(args.run, args.out, args.merge)
+    print(f"exported {args.run} -> {out}")
+    return 0

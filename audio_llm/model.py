@@ -132,9 +132,12 @@ class AudioLLM(nn.Module):
         attention_mask: torch.Tensor,
         max_new_tokens: int = 128,
         num_beams: int = 1,
+        synced_gpus: bool = False,
         **audio: torch.Tensor,
     ) -> list[list[int]]:
-        """Greedy/beam decoding from left-padded prompts; returns the new token ids per row."""
+        """Greedy/beam decoding from left-padded prompts; returns the new token ids per row.
+
+        `synced_gpus` keeps every rank stepping until all are done, as ZeRO-3 requires."""
         projected, lengths = self.project_audio(**audio)
         inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
         eos = self.llm.generation_config.eos_token_id
@@ -147,6 +150,7 @@ class AudioLLM(nn.Module):
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=pad,
+            synced_gpus=synced_gpus,
         )
         base = getattr(self.llm, "get_base_model", lambda: self.llm)()
         base.model.rope_deltas = None  # generate() caches M-RoPE state on the model

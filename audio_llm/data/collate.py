@@ -24,7 +24,7 @@ class AudioSample:
     text: str
     prompt: str | None
     seconds: float
-    example: Example
+    example: Example | None
     audio: np.ndarray | None = None
     mel: np.ndarray | None = None
     enc: np.ndarray | None = None
@@ -69,6 +69,7 @@ class Collator:
         return example if len(example.input_ids) <= self.max_length else None
 
     def __call__(self, samples: list[AudioSample]) -> dict:
+        """Training batch: right-padded ids, labels and mask, plus the audio tensors."""
         width = max(len(s.example.input_ids) for s in samples)
         ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -79,6 +80,24 @@ class Collator:
             labels[row, :n] = torch.tensor(s.example.labels)
             mask[row, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return self._add_audio(batch, samples)
+
+    def prompt_batch(self, samples: list[AudioSample]) -> dict:
+        """Generation batch: left-padded prompts (no transcript) plus the audio tensors."""
+        prompts = [self.prompts.prompt(self.audio_tokens(_frames(s)), s.prompt) for s in samples]
+        width = max(map(len, prompts))
+        ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)}
+        batch = self._add_audio(batch, samples)
+        del batch["labels"]
+        return batch
+
+    def _add_audio(self, batch: dict, samples: list[AudioSample]) -> dict:
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         if self.mode == "encoder":
             batch["audio_embeds"], batch["audio_lengths"] = _pad_frames([s.enc for s in samples])
         elif self.mode == "mel":
@@ -103,6 +122,15 @@ class Collator:
         batch["keys"] = [s.key for s in samples]
         batch["texts"] = [s.text for s in samples]
         return batch
+
+
+def _frames(sample: AudioSample) -> int:
+    """Valid frames of a decoded sample (mel frames, or encoder frames for `enc`)."""
+    if sample.enc is not None:
+        return sample.enc.shape[0]
+    if sample.mel is not None:
+        return sample.mel.shape[1]
+    return len(sample.audio) // HOP_LENGTH
 
 
 def _pad_frames(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,9 @@ class ShardSet:
                     f"e.g. {missing[0]}"
                 )
             return cls(shards, index, spec)
+        plain_path = not any(c in spec for c in "{}:") and not spec.startswith("pipe:")
+        if plain_path and not path.exists():
+            raise AudioLLMError(f"shards {spec!r}: no such file or folder")
         urls = [u for part in spec.split("::") for u in braceexpand(part.strip())]
         if not index_path:
             local = Path(urls[0]).parent / INDEX_NAME

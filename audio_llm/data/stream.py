@@ -28,14 +28,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from audio_llm.data.collate import AudioSample, Collator, frames_of
-from audio_llm.data.shards import EpochPlan, ShardInfo, ShardSet, plan_epoch
+from audio_llm.data.shards import PAYLOADS, EpochPlan, ShardInfo, ShardSet, plan_epoch
 from audio_llm.encoder import ENCODER_DOWNSAMPLE, HOP_LENGTH, MEL_FRAMES_PER_WINDOW
 from audio_llm.errors import AudioLLMError
 
 log = logging.getLogger("audio_llm.data")
 LOG_FIRST = 5  # problems named per reason before the log only counts every LOG_EVERY-th
 LOG_EVERY = 100
-MAX_SAMPLES_30S = MEL_FRAMES_PER_WINDOW * HOP_LENGTH
 
 
 class _Problems:
@@ -118,6 +117,63 @@ def read_shard(shard: ShardInfo, payload: str, problems: _Problems) -> Iterator[
         problems("corrupt_shard", shard.url, f"{count} samples, the index lists {shard.samples}")
 
 
+def parse_sample(
+    raw: dict, mode: str, payload: str, long_audio: str, problems: _Problems
+) -> tuple[dict, int] | None:
+    """The json and valid frame count of a raw sample after the 30 s policy; None if skipped."""
+    where = f"{raw['__url__']}:{raw['__key__']}"
+    if "json" not in raw or payload not in raw:
+        problems("incomplete_sample", where, f"needs .json and .{payload}")
+        return None
+    try:
+        meta = json.loads(raw["json"])
+        frames = frames_of(meta, mode)
+        if not isinstance(meta["text"], str):
+            raise TypeError("text is not a string")
+    except (ValueError, KeyError, TypeError) as exc:
+        problems("bad_json", where, repr(exc))
+        return None
+    limit = MEL_FRAMES_PER_WINDOW // (ENCODER_DOWNSAMPLE if mode == "encoder" else 1)
+    if frames > limit:
+        if long_audio == "skip":
+            problems("too_long_audio", where, f"{frames} frames > {limit}")
+            return None
+        frames = limit
+        problems("truncated_audio", where)
+    return meta, frames
+
+
+def decode_sample(raw: dict, meta: dict, frames: int, mode: str, example=None) -> AudioSample:
+    """Decode the payload explicitly by mode (FLAC or `.npy` without pickle) and check its size."""
+    data = raw[PAYLOADS[mode]]
+    sample = AudioSample(
+        key=raw["__key__"],
+        text=meta["text"],
+        prompt=meta.get("prompt"),
+        seconds=float(meta.get("duration", 0.0)),
+        example=example,
+    )
+    if mode == "audio":
+        from audio_llm.audio import decode_flac
+
+        sample.audio = decode_flac(data, raw["__key__"])[: frames * HOP_LENGTH + HOP_LENGTH - 1]
+        if len(sample.audio) // HOP_LENGTH != frames:
+            raise ValueError(f"{len(sample.audio)} samples, json says {frames} mel frames")
+        return sample
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 2:
+        raise ValueError(f"payload has shape {array.shape}, expected 2 dimensions")
+    if mode == "mel":
+        sample.mel = array[:, :frames]
+        got = sample.mel.shape[1]
+    else:
+        sample.enc = array[:frames]
+        got = sample.enc.shape[0]
+    if got != frames:
+        raise ValueError(f"payload has shape {array.shape}, json says {frames} frames")
+    return sample
+
+
 class ShardStream(IterableDataset):
     """Batches for one rank; each DataLoader worker streams its own shards (see module doc)."""
 
@@ -168,7 +224,6 @@ class ShardStream(IterableDataset):
     ) -> Iterator[tuple[dict, dict, int]]:
         """One read over the worker's shards: (raw, meta, frames) that pass the length policy."""
         payload, mode = self.shards.payload, self.shards.mode
-        limit = MEL_FRAMES_PER_WINDOW // (ENCODER_DOWNSAMPLE if mode == "encoder" else 1)
         order = list(shards)
         random.Random(f"pass:{self.seed}:{self.epoch}:{self.rank}:{worker}:{pass_no}").shuffle(
             order
@@ -176,26 +231,13 @@ class ShardStream(IterableDataset):
         usable = 0
         for shard in order:
             for raw in read_shard(shard, payload, problems):
-                where = f"{shard.url}:{raw['__key__']}"
-                if "json" not in raw or payload not in raw:
-                    problems("incomplete_sample", where, f"needs .json and .{payload}")
+                parsed = parse_sample(raw, mode, payload, self.long_audio, problems)
+                if parsed is None:
                     continue
-                try:
-                    meta = json.loads(raw["json"])
-                    frames = frames_of(meta, mode)
-                    if not isinstance(meta["text"], str):
-                        raise TypeError("text is not a string")
-                except (ValueError, KeyError, TypeError) as exc:
-                    problems("bad_json", where, repr(exc))
-                    continue
-                if frames > limit:
-                    if self.long_audio == "skip":
-                        problems("too_long_audio", where, f"{frames} frames > {limit}")
-                        continue
-                    frames = limit
-                    problems("truncated_audio", where)
+                meta, frames = parsed
                 example = self.collator.encode(meta, frames)
                 if example is None:
+                    where = f"{shard.url}:{raw['__key__']}"
                     problems("over_max_length", where, f"> {self.collator.max_length} tokens")
                     continue
                 usable += 1
@@ -225,40 +267,13 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, raw: dict, meta: dict, frames: int) -> AudioSample:
-        data = raw[self.shards.payload]
-        sample = AudioSample(
-            key=raw["__key__"],
-            text=meta["text"],
-            prompt=meta.get("prompt"),
-            seconds=float(meta.get("duration", 0.0)),
-            example=meta["_example"],
-        )
-        if self.shards.mode == "audio":
-            from audio_llm.audio import decode_flac
-
-            sample.audio = decode_flac(data, raw["__key__"])[:MAX_SAMPLES_30S]
-            if len(sample.audio) // HOP_LENGTH != frames:
-                raise ValueError(f"{len(sample.audio)} samples, json says {frames} mel frames")
-            return sample
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if self.shards.mode == "mel":
-            sample.mel = array[:, :frames]
-            got = sample.mel.shape[1]
-        else:
-            sample.enc = array[:frames]
-            got = sample.enc.shape[0]
-        if got != frames or array.ndim != 2:
-            raise ValueError(f"payload has shape {array.shape}, json says {frames} frames")
-        return sample
-
     def _collate(self, batch: list, problems: _Problems, last_good: list) -> dict:
         """Decode and collate; an undecodable sample is replaced by a good one of the same
         batch, so the batch count (and resume arithmetic) never depends on decoding."""
         decoded: list[AudioSample | None] = []
         for raw, meta, frames in batch:
             try:
-                decoded.append(self._decode(raw, meta, frames))
+                decoded.append(decode_sample(raw, meta, frames, self.shards.mode, meta["_example"]))
             except Exception as exc:  # any payload problem: count, name, replace
                 problems("undecodable", f"{raw['__url__']}:{raw['__key__']}", repr(exc))
                 decoded.append(None)

@@ -1,0 +1,202 @@
+"""Rank, world size, barriers and collectives: the one place that knows about processes.
+
+Everything else asks this module (`rank()`, `is_main()`, `barrier()`, ...) and works unchanged in a
+single process, where the collectives return their single-rank answers.
+
+`init_distributed()` reads the launcher's environment, in this order:
+
+1. `RANK`/`WORLD_SIZE`/`LOCAL_RANK`/`MASTER_ADDR`/`MASTER_PORT`, as set by the `deepspeed`
+   launcher (also with `--no_ssh`) and by `torchrun`;
+2. SLURM, when a job step runs one task per GPU (`srun --ntasks-per-node=GPUS python ...`):
+   `SLURM_PROCID` -> rank, `SLURM_NTASKS` -> world size, `SLURM_LOCALID` -> local rank, and, unless
+   set, `MASTER_ADDR` = the first host of `SLURM_JOB_NODELIST` and `MASTER_PORT` = 29500;
+3. nothing: a single process (rank 0 of 1 on 127.0.0.1 and a free port), so
+   `python launch/stage1.py ...` works without a launcher.
+
+`launch/slurm.sbatch` takes route 1 (srun starts the `deepspeed` launcher once per node).
+Entry points end with `shutdown()`, so no rank exits while another still talks to it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_MASTER_PORT = "29500"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: `gpu[003-006,9],cpu1` -> `gpu003`.
+
+    Covers the compressed forms SLURM prints for one prefix per group; anything more exotic can
+    set `MASTER_ADDR` itself (or use `scontrol show hostnames`, as `launch/slurm.sbatch` does).
+    """
+    match = re.match(r"\s*([^,\[]*)(?:\[([^\]]+)\]([^,]*))?", nodelist)
+    prefix, ranges, suffix = match.groups() if match else ("", None, None)
+    if not ranges:
+        return prefix.strip()
+    return prefix + ranges.split(",")[0].split("-")[0] + (suffix or "")
+
+
+def launch_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The five torch.distributed variables a launcher provided, or None without a launcher.
+
+    Variables already set always win; SLURM fills only what is missing.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        resolved = {key: environ[key] for key in DIST_VARS if key in environ}
+        resolved.setdefault("LOCAL_RANK", "0")
+        resolved.setdefault("MASTER_ADDR", "127.0.0.1")
+        resolved.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+        return resolved
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR")
+            or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            "MASTER_PORT": environ.get("MASTER_PORT", DEFAULT_MASTER_PORT),
+        }
+    return None
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for single-process rendezvous on 127.0.0.1)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_initialized() -> bool:
+    """True once a process group exists."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def init_distributed(timeout: timedelta | None = None) -> None:
+    """Create the process group once (later calls return at once); see the module docstring.
+
+    The backend comes from DeepSpeed's accelerator: nccl on CUDA, gloo on CPU.
+    """
+    if is_initialized():
+        return
+    resolved = launch_env(os.environ)
+    if resolved is None:
+        resolved = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+    os.environ.update(resolved)
+    if torch.cuda.is_available():
+        # Before the group exists, so NCCL binds each rank to its own GPU, not all to cuda:0.
+        torch.cuda.set_device(int(resolved["LOCAL_RANK"]))
+
+    import deepspeed  # slow import: only when a process group is really wanted
+    from deepspeed.accelerator import get_accelerator
+
+    kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def shutdown() -> None:
+    """End of an entry point: wait for every rank, then tear the process group down.
+
+    A rank that simply exits while others still talk to it can abort them (gloo) or leave
+    NCCL warnings; a no-op without a group.
+    """
+    if not is_initialized():
+        return
+    barrier()
+    tdist.destroy_process_group()
+
+
+def rank() -> int:
+    """Global rank (before `init_distributed`, what the launcher's environment says)."""
+    if is_initialized():
+        return tdist.get_rank()
+    env = launch_env(os.environ)
+    return int(env["RANK"]) if env else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a launcher)."""
+    if is_initialized():
+        return tdist.get_world_size()
+    env = launch_env(os.environ)
+    return int(env["WORLD_SIZE"]) if env else 1
+
+
+def local_rank() -> int:
+    """Rank on this node: the GPU index this process uses."""
+    env = launch_env(os.environ)
+    return int(env["LOCAL_RANK"]) if env else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes logs, markers and exports."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """`cuda:LOCAL_RANK` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if not is_initialized():
+        return
+    if tdist.get_backend() == "nccl":
+        tdist.barrier(device_ids=[local_rank()])
+    else:
+        tdist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` in rank order (`[obj]` in a single process). Collective."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (`obj` itself in a single process). Collective."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) with the same `seed`.
+
+    Every rank gets the same seed, so model initialisation agrees across ranks; per-rank streams
+    (data order, augmentation) derive their own seeds from (seed, epoch, rank, worker).
+    """
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device

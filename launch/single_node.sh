@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train on one machine with every local GPU (one rank per GPU) through the `deepspeed` launcher.
+#
+# Usage: launch/single_node.sh STAGE [ARGS...]
+#   launch/single_node.sh 1 --config run.yaml train.lr=1e-3
+#   NUM_GPUS=4 DS_CONFIG=ds_configs/zero3.json launch/single_node.sh 2 --config run.yaml
+#
+# STAGE     1 (projector) or 2 (projector + LoRA): runs launch/stage${STAGE}.py
+# ARGS      passed to the stage script: --config FILE and section.key=value overrides
+# NUM_GPUS  ranks to start (default: GPUs listed by nvidia-smi, else 1)
+# DS_CONFIG DeepSpeed JSON (default: ds_configs/zero2.json)
+# MASTER_PORT  rendezvous port (default 29500; change it to run two jobs on one machine)
+# DRY_RUN=1 print the command instead of running it
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STAGE="${1:?usage: launch/single_node.sh STAGE [ARGS...] (STAGE is 1 or 2)}"
+shift
+case "$STAGE" in
+  1 | 2) ;;
+  *) echo "launch/single_node.sh: STAGE must be 1 or 2 (got '$STAGE')" >&2; exit 2 ;;
+esac
+
+if [[ -z "${NUM_GPUS:-}" ]]; then
+  NUM_GPUS="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
+  [[ "$NUM_GPUS" -ge 1 ]] || NUM_GPUS=1
+fi
+
+cmd=(
+  "${DEEPSPEED:-deepspeed}" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}"
+  "$ROOT/launch/stage${STAGE}.py" --deepspeed_config "${DS_CONFIG:-$ROOT/ds_configs/zero2.json}"
+  "$@"
+)
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q' "${cmd[0]}"
+  printf ' %q' "${cmd[@]:1}"
+  echo
+else
+  exec "${cmd[@]}"
+fi

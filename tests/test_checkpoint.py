@@ -1,0 +1,311 @@
+"""audio_llm.checkpoint: completion markers, pruning, resume, and DeepSpeed's own tools.
+
+The manager's bookkeeping is tested in-process against a stand-in engine that writes files the
+way DeepSpeed does. Real DeepSpeed engines (ZeRO-2, torch Adam, fp32) run in launched processes,
+one rank and two, with the worker at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from audio_llm import checkpoint as ckpt
+from audio_llm.checkpoint import CheckpointManager, latest, resolve_resume, tag_for
+from audio_llm.errors import AudioLLMError
+from tests.test_dist import deepspeed_cmd, run_launch, worker_env
+
+
+class FakeEngine:
+    """Writes a tag folder and DeepSpeed's `latest` file, like `engine.save_checkpoint`."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[dict] = []
+
+    def save_checkpoint(self, save_dir, tag, client_state, exclude_frozen_parameters):
+        self.calls.append({"tag": tag, "exclude_frozen": exclude_frozen_parameters})
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if self.fail:
+            raise RuntimeError("killed mid-save")
+        (Path(save_dir) / "latest").write_text(tag)
+
+
+def tags(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_keeps_only_the_newest_keep_last(tmp_path):
+    manager, engine = CheckpointManager(tmp_path, keep_last=2), FakeEngine()
+    for step in (1, 2, 3):
+        manager.save(engine, step, {"step": step})
+    assert tags(tmp_path) == [tag_for(2), tag_for(3)]
+    assert latest(tmp_path) == tmp_path / "checkpoints" / "step_00000003"
+    assert (tmp_path / "checkpoints" / "latest_complete").read_text().strip() == "step_00000003"
+    marker = ckpt.read_marker(latest(tmp_path))
+    assert (marker["step"], marker["world_size"]) == (3, 1)
+    assert all(call["exclude_frozen"] for call in engine.calls)
+
+
+def test_keep_last_one_never_deletes_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    for step in (10, 20):
+        manager.save(FakeEngine(), step, {})
+    assert tags(tmp_path) == [tag_for(20)]
+
+
+def test_a_folder_without_marker_is_ignored(tmp_path):
+    CheckpointManager(tmp_path, keep_last=3).save(FakeEngine(), 1, {})
+    with pytest.raises(RuntimeError):
+        CheckpointManager(tmp_path, keep_last=3).save(FakeEngine(fail=True), 2, {})
+    assert (tmp_path / "checkpoints" / tag_for(2) / "mp_rank_00_model_states.pt").exists()
+    assert latest(tmp_path) == tmp_path / "checkpoints" / tag_for(1)
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / tag_for(1)
+    with pytest.raises(AudioLLMError, match="no COMPLETE marker"):
+        resolve_resume(str(tmp_path / "checkpoints" / tag_for(2)), tmp_path)
+
+
+def test_the_next_save_removes_an_interrupted_one(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(FakeEngine(), 1, {})
+    with pytest.raises(RuntimeError):
+        manager.save(FakeEngine(fail=True), 2, {})
+    manager.save(FakeEngine(), 3, {})
+    assert tags(tmp_path) == [tag_for(1), tag_for(3)]
+
+
+def test_saving_a_step_again_invalidates_its_old_marker_first(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(FakeEngine(), 5, {})
+    with pytest.raises(RuntimeError):
+        manager.save(FakeEngine(fail=True), 5, {})  # the old files are half overwritten now
+    assert latest(tmp_path) is None
+
+
+def test_newer_checkpoints_of_an_abandoned_history_are_set_aside(tmp_path):
+    # Saved 1..3, then resumed from 1 by hand: step 2 of the new history must win over 3.
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        manager.save(FakeEngine(), step, {})
+    manager.save(FakeEngine(), 2, {})
+    assert latest(tmp_path) == tmp_path / "checkpoints" / tag_for(2)
+    assert tags(tmp_path) == [tag_for(1), tag_for(2), tag_for(3) + ckpt.SUPERSEDED]
+
+
+def test_resolve_resume_modes(tmp_path):
+    assert resolve_resume("none", tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None  # fresh run: nothing saved yet
+    with pytest.raises(AudioLLMError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    path = CheckpointManager(tmp_path, keep_last=1).save(FakeEngine(), 7, {})
+    assert resolve_resume(str(path), tmp_path / "other-run") == path
+
+
+def test_rank_state_round_trip(tmp_path):
+    state = {"epoch": 2, "rng": torch.get_rng_state()}
+    path = CheckpointManager(tmp_path, keep_last=1).save(FakeEngine(), 4, {}, rank_state=state)
+    loaded = ckpt.load_rank_state(path)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["rng"], state["rng"])
+    assert ckpt.load_rank_state(tmp_path) is None
+
+
+def test_load_refuses_a_folder_without_marker(tmp_path):
+    (tmp_path / "step_00000001").mkdir()
+    with pytest.raises(AudioLLMError, match="no COMPLETE marker"):
+        ckpt.load(object(), tmp_path / "step_00000001")
+
+
+# -- real DeepSpeed engines ------------------------------------------------------------------
+@pytest.fixture(
+    scope="module",
+    params=[(1, 2), (2, 2), (2, 3)],
+    ids=["1rank-zero2", "2ranks-zero2", "2ranks-zero3"],
+)
+def deepspeed_run(request, tmp_path_factory) -> tuple[int, list[dict], Path]:
+    world, stage = request.param
+    out = tmp_path_factory.mktemp(f"ds{world}-zero{stage}")
+    args = ["--out", str(out), "--stage", str(stage)]
+    if world == 1:  # no launcher at all: dist.init_distributed sets up a 1-rank group
+        cmd = [sys.executable, "-m", "tests.test_checkpoint", *args]
+    else:
+        cmd = deepspeed_cmd(world, "tests.test_checkpoint", *args)
+    result = run_launch(cmd, worker_env())
+    assert result.returncode == 0, result.stdout[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return world, ranks, out / "run"
+
+
+def test_resume_matches_an_uninterrupted_run(deepspeed_run):
+    _, ranks, _ = deepspeed_run
+    for r, res in enumerate(ranks):
+        assert res["resumed_from"].endswith(tag_for(3))
+        assert res["client_state"] == {"step": 3, "note": "audio_llm"}
+        assert res["rank_state"] == {"rank": r, "step": 3}
+        assert res["fresh_differs"] > 1e-3  # the second engine really started elsewhere
+        assert res["resume_diff"] < 1e-6
+        assert res["lr_resumed"] == pytest.approx(res["lr_uninterrupted"])
+        assert res["global_steps_resumed"] == 5
+
+
+def test_only_keep_last_complete_checkpoints_remain(deepspeed_run):
+    _, ranks, run = deepspeed_run
+    assert ranks[0]["after_saves"] == [tag_for(2), tag_for(3)]
+    # The simulated kill left step 4 without a marker, and DeepSpeed's `latest` points at it.
+    assert (run / "checkpoints" / "latest").read_text().strip() == tag_for(4)
+    assert not ckpt.is_complete(run / "checkpoints" / tag_for(4))
+    assert latest(run) == run / "checkpoints" / tag_for(3)
+
+
+def test_frozen_parameters_are_not_in_the_checkpoint(deepspeed_run):
+    _, ranks, run = deepspeed_run
+    files = list((run / "checkpoints" / tag_for(3)).glob("*model_states.pt"))
+    assert files
+    for file in files:  # one file, or one per rank under ZeRO-3
+        states = torch.load(file, weights_only=False)
+        assert set(states["module"]) == {"2.weight", "2.bias"}  # layer 0 is frozen
+    assert ranks[0]["frozen_unchanged"]
+
+
+def test_zero_to_fp32_reads_our_checkpoint(deepspeed_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    world, ranks, run = deepspeed_run
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag_for(3))
+    assert set(state) == {"2.weight", "2.bias"}
+    for name, values in ranks[0]["params_at_3"].items():
+        assert torch.allclose(state[name], torch.tensor(values), atol=1e-7), name
+    shards = list((run / "checkpoints" / tag_for(3)).glob("*optim_states.pt"))
+    assert len(shards) == world  # one ZeRO shard per rank
+
+
+def test_load_refuses_a_different_model(deepspeed_run):
+    _, ranks, _ = deepspeed_run
+    assert "missing trainable ['4.bias', '4.weight']" in ranks[0]["mismatch_error"]
+
+
+# -- worker ----------------------------------------------------------------------------------
+def _worker(out_dir: Path, stage: int) -> None:
+    import deepspeed
+    from torch import nn
+
+    from audio_llm import dist
+    from audio_llm.config import TrainConfig
+    from audio_llm.schedule import make_scheduler
+
+    dist.init_distributed()
+    me = dist.rank()
+    train = TrainConfig(lr=1e-2, warmup_steps=2, max_steps=10)
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+
+    def build(trainable_seed: int, extra_layer: bool = False):
+        torch.manual_seed(0)  # the frozen layer: identical in every build, like pretrained weights
+        layers = [nn.Linear(4, 8), nn.ReLU()]
+        torch.manual_seed(trainable_seed)
+        layers.append(nn.Linear(8, 2))
+        if extra_layer:
+            layers += [nn.ReLU(), nn.Linear(2, 2)]
+        model = nn.Sequential(*layers)
+        model[0].requires_grad_(False)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds,
+            lr_scheduler=lambda opt: make_scheduler(opt, train),
+        )
+        return engine
+
+    gen = torch.Generator().manual_seed(100 + me)  # each rank its own data
+    batches = [
+        (torch.randn(2, 4, generator=gen), torch.randn(2, 2, generator=gen)) for _ in range(5)
+    ]
+
+    def train_step(engine, step: int) -> None:
+        x, y = batches[step - 1]
+        loss = (engine(x) - y).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+
+    def gathered(engine, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full tensors, also under ZeRO-3 where each rank holds a shard."""
+        params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        if not trainable_only:
+            params = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+            return {n: p.detach().clone() for n, p in params}
+
+    def trainable(engine) -> dict[str, torch.Tensor]:
+        return gathered(engine)
+
+    run = out_dir / "run"
+    manager = CheckpointManager(run, keep_last=2)
+    a = build(trainable_seed=1)
+    frozen_before = gathered(a, trainable_only=False)["0.weight"]
+    params_at_3 = {}
+    for step in range(1, 6):
+        train_step(a, step)
+        if step <= 3:
+            manager.save(a, step, {"step": step, "note": "audio_llm"}, {"rank": me, "step": step})
+        if step == 3:
+            params_at_3 = {n: t.tolist() for n, t in trainable(a).items()}
+            after_saves = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+            # A job killed after DeepSpeed's files but before our marker:
+            a.save_checkpoint(str(run / "checkpoints"), tag=tag_for(4), client_state={})
+    uninterrupted = trainable(a)
+
+    b = build(trainable_seed=2)
+    fresh_differs = max(
+        (trainable(b)[n] - uninterrupted[n]).abs().max().item() for n in uninterrupted
+    )
+    path = resolve_resume("auto", run)
+    client_state = ckpt.load(b, path)
+    rank_state = ckpt.load_rank_state(path)
+    for step in (4, 5):
+        train_step(b, step)
+    resumed = trainable(b)
+
+    c = build(trainable_seed=1, extra_layer=True)
+    try:
+        ckpt.load(c, path)
+        mismatch_error = ""
+    except AudioLLMError as exc:
+        mismatch_error = str(exc)
+
+    result = {
+        "resumed_from": str(path),
+        "client_state": client_state,
+        "rank_state": rank_state,
+        "fresh_differs": fresh_differs,
+        "resume_diff": max((resumed[n] - uninterrupted[n]).abs().max().item() for n in resumed),
+        "lr_uninterrupted": a.get_lr()[0],
+        "lr_resumed": b.get_lr()[0],
+        "global_steps_resumed": b.global_steps,
+        "after_saves": after_saves,
+        "params_at_3": params_at_3,
+        "frozen_unchanged": torch.equal(gathered(b, False)["0.weight"], frozen_before),
+        "mismatch_error": mismatch_error,
+    }
+    (out_dir / f"rank{me}.json").write_text(json.dumps(result))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=None)
+    cli = parser.parse_args()
+    _worker(cli.out, cli.stage)

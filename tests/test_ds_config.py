@@ -1,0 +1,209 @@
+"""audio_llm.ds_config and ds_configs/*.json: "auto" filling, consistency checks, CPU fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from audio_llm.config import Config, DataConfig, ModelConfig, TrainConfig
+from audio_llm.ds_config import build_ds_config, load_ds_json
+from audio_llm.errors import AudioLLMError
+from tests.test_dist import REPO, run_launch, worker_env
+
+CONFIGS = REPO / "ds_configs"
+SHIPPED = ["zero1", "zero2", "zero3", "zero3_offload"]
+
+
+def run_cfg(**train) -> Config:
+    return Config(
+        model=ModelConfig(dtype="bfloat16"),
+        data=DataConfig(batch_size=8),
+        train=TrainConfig(**({"grad_accum": 2, "lr": 2e-4, "weight_decay": 0.01} | train)),
+    )
+
+
+def minimal(**fields) -> dict:
+    base = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "zero_optimization": {"stage": 2},
+    }
+    return base | fields
+
+
+def test_auto_fields_come_from_the_run_config():
+    ds = build_ds_config(minimal(), run_cfg(clip_grad=0.5), world_size=4, cuda=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 8 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"] == {"lr": 2e-4, "weight_decay": 0.01}
+
+
+def test_source_dict_is_not_modified():
+    source = minimal()
+    build_ds_config(source, run_cfg(), world_size=1, cuda=False)
+    assert source == minimal()
+
+
+def test_explicit_values_that_agree_are_kept():
+    explicit = minimal(
+        train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2
+    )
+    assert build_ds_config(explicit, run_cfg(), world_size=2, cuda=True)["train_batch_size"] == 32
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"train_micro_batch_size_per_gpu": 16}, "data.batch_size"),
+        ({"gradient_accumulation_steps": 4}, "train.grad_accum"),
+        ({"train_batch_size": 48}, "world size 2"),
+        ({"gradient_clipping": 5.0}, "train.clip_grad"),
+    ],
+)
+def test_explicit_values_that_disagree_fail_in_one_line(fields, names):
+    with pytest.raises(AudioLLMError, match=names) as err:
+        build_ds_config(minimal(**fields), run_cfg(), world_size=2, cuda=True)
+    assert "\n" not in str(err.value)
+
+
+def test_explicit_optimizer_lr_must_match_train_lr():
+    ds = minimal(optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+    with pytest.raises(AudioLLMError, match=r"optimizer\.params\.lr.*train\.lr"):
+        build_ds_config(ds, run_cfg(), world_size=1, cuda=True)
+
+
+def test_a_deepspeed_scheduler_section_is_refused():
+    with pytest.raises(AudioLLMError, match="train.schedule"):
+        build_ds_config(minimal(scheduler={"type": "WarmupLR"}), run_cfg(), 1, cuda=True)
+
+
+def test_unfillable_auto_is_named():
+    ds = minimal(zero_optimization={"stage": 3, "reduce_bucket_size": "auto"})
+    with pytest.raises(AudioLLMError, match=r"zero_optimization\.reduce_bucket_size"):
+        build_ds_config(ds, run_cfg(), world_size=1, cuda=True)
+
+
+def test_precision_must_match_model_dtype():
+    fp16_model = Config(model=ModelConfig(dtype="float16"))
+    with pytest.raises(AudioLLMError, match="model.dtype=float16"):
+        build_ds_config(minimal(bf16={"enabled": True}), fp16_model, 1, cuda=True)
+    with pytest.raises(AudioLLMError, match="both enabled"):
+        both = minimal(bf16={"enabled": True}, fp16={"enabled": True})
+        build_ds_config(both, run_cfg(), 1, cuda=True)
+    auto = minimal(bf16={"enabled": "auto"}, fp16={"enabled": "auto"})
+    ds = build_ds_config(auto, fp16_model, 1, cuda=True)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (False, True)
+
+
+def test_cpu_run_switches_off_half_precision_offload_and_fused_adam(caplog):
+    with caplog.at_level(logging.WARNING, logger="audio_llm.ds_config"):
+        ds = build_ds_config(CONFIGS / "zero3_offload.json", run_cfg(), world_size=1, cuda=False)
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert "offload_optimizer" not in ds["zero_optimization"]
+    assert "offload_param" not in ds["zero_optimization"]
+    text = caplog.text
+    assert "bf16/fp16 switched off" in text and "offload_param" in text and "torch_adam" in text
+
+
+def test_gpu_run_keeps_the_file_as_written():
+    ds = build_ds_config(CONFIGS / "zero3_offload.json", run_cfg(), world_size=8, cuda=True)
+    assert ds["bf16"]["enabled"] is True
+    assert "torch_adam" not in ds["optimizer"]["params"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_offload_checks():
+    nvme = minimal(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}})
+    with pytest.raises(AudioLLMError, match="nvme_path"):
+        build_ds_config(nvme, run_cfg(), 1, cuda=True)
+    params_stage2 = minimal(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}})
+    with pytest.raises(AudioLLMError, match="needs stage 3"):
+        build_ds_config(params_stage2, run_cfg(), 1, cuda=True)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(AudioLLMError, match="does not exist"):
+        load_ds_json(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(AudioLLMError, match="not valid JSON"):
+        load_ds_json(bad)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs(name):
+    raw = load_ds_json(CONFIGS / f"{name}.json")
+    stage = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}[name]
+    assert raw["zero_optimization"]["stage"] == stage
+    assert raw["bf16"]["enabled"] is True
+    assert raw["optimizer"]["type"] == "AdamW"
+    assert raw["optimizer"]["params"]["lr"] == "auto"
+    assert raw["train_batch_size"] == raw["gradient_clipping"] == "auto"
+    assert raw["steps_per_print"] >= 10**6 and raw["wall_clock_breakdown"] is False
+    assert ("offload_optimizer" in raw["zero_optimization"]) == (name == "zero3_offload")
+    if stage == 3:
+        assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    for cuda in (True, False):
+        build_ds_config(CONFIGS / f"{name}.json", run_cfg(), world_size=2, cuda=cuda)
+
+
+def test_deepspeed_accepts_every_shipped_config(tmp_path):
+    # One training step per config in a real (single-process) DeepSpeed engine.
+    cmd = [sys.executable, "-m", "tests.test_ds_config", "--out", str(tmp_path)]
+    out = run_launch(cmd, worker_env())
+    assert out.returncode == 0, out.stdout[-4000:]
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert sorted(steps) == sorted(SHIPPED)
+    for name, info in steps.items():
+        assert info["global_steps"] == 1, name
+        assert info["train_batch_size"] == 4, name
+        assert info["lr"] == pytest.approx(2e-4), name
+
+
+def _worker(out_dir: Path) -> None:
+    import deepspeed
+    import torch
+    from torch import nn
+
+    from audio_llm import dist
+
+    dist.init_distributed()
+    cfg = Config(model=ModelConfig(dtype="float32"), data=DataConfig(batch_size=2))
+    cfg.train.grad_accum, cfg.train.lr = 2, 2e-4
+    steps = {}
+    for name in SHIPPED:
+        ds = build_ds_config(CONFIGS / f"{name}.json", cfg)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds
+        )
+        for _ in range(2):  # grad_accum micro-batches make one optimizer step
+            loss = engine(torch.randn(2, 4)).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        steps[name] = {
+            "global_steps": engine.global_steps,
+            "train_batch_size": engine.train_batch_size(),
+            "lr": engine.get_lr()[0],
+        }
+    (out_dir / "steps.json").write_text(json.dumps(steps))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    _worker(parser.parse_args().out)

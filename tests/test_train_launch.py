@@ -1,0 +1,295 @@
+"""Real `deepspeed` launches of launch/stage1.py and stage2.py: 2 CPU ranks on gloo, tiny models,
+the sample shards in shards/sample/audio. Every launch has its own timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+SHARDS = REPO / "shards" / "sample" / "audio"
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra or {})
+    return env
+
+
+def common(tiny_models, out_dir: Path, steps: int) -> list[str]:
+    return [
+        f"model.encoder={tiny_models['whisper']}",
+        f"model.llm={tiny_models['qwen2vl']}",
+        f"data.train_shards={SHARDS}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.save_every=2",
+        "train.warmup_steps=2",
+        "train.lr=1e-2",
+        f"train.out_dir={out_dir}",
+    ]
+
+
+def launch(
+    stage: int,
+    overrides: list[str],
+    *,
+    ds_config: str = "ds_configs/zero2.json",
+    env: dict | None = None,
+    gpus: int = 2,
+    expect_ok: bool = True,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(gpus),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / f"stage{stage}.py"),
+        "--deepspeed_config",
+        str(REPO / ds_config),
+        *(extra or []),
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    if expect_ok:
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step train/loss from metrics.jsonl (later lines win: a resumed run rewrites steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    launch(1, common(tiny_models, out, steps=12))
+    return out
+
+
+def test_stage1_trains_checkpoints_exports_and_logs(stage1_run):
+    summary = json.loads((stage1_run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(set(summary["parameter_digests"])) == 1  # identical weights on both ranks
+    steps = losses(stage1_run)
+    assert sorted(steps) == list(range(1, 13))
+    first, last = sum(steps[s] for s in (1, 2, 3)) / 3, sum(steps[s] for s in (10, 11, 12)) / 3
+    assert last < first, steps
+    assert (stage1_run / "export" / "projector.safetensors").is_file()
+    assert not (stage1_run / "export" / "adapter").exists()
+    complete = sorted(p.name for p in (stage1_run / "checkpoints").glob("step_*/COMPLETE"))
+    assert len(complete) == 3  # keep_last
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(stage1_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s"):
+        assert tag in tags, sorted(tags)
+    for tag in ("perf/audio_s_per_s", "perf/tokens_per_s", "perf/padding_ratio"):
+        assert tag in tags, sorted(tags)
+    assert "perf/data_wait_frac" in tags and "perf/step_s_skew" in tags
+    assert len(events.Scalars("train/loss")) == 12
+
+
+@pytest.mark.parametrize("ds_config", ["ds_configs/zero2.json", "ds_configs/zero3.json"])
+def test_stage2_lora_export_loads_with_stock_peft(stage1_run, tiny_models, tmp_path, ds_config):
+    out = tmp_path / "stage2"
+    projector = stage1_run / "export" / "projector.safetensors"
+    launch(
+        2,
+        [*common(tiny_models, out, steps=6), f"model.projector_init={projector}"],
+        ds_config=ds_config,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(set(summary["parameter_digests"])) == 1
+    adapter = out / "export" / "adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert len(weights) == 28 and all(t.numel() > 0 for t in weights.values())
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # it trained
+
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    stock = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["qwen2vl"])
+    plain = stock(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    tuned = PeftModel.from_pretrained(stock, adapter)(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert not torch.allclose(plain, tuned.logits)
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = "step_00000006"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+    assert any(k.startswith("projector.") for k in state)
+    assert any("lora_B" in k for k in state)
+
+
+def test_kill_and_resume_gives_the_same_losses(tiny_models, tmp_path):
+    ref = tmp_path / "ref"
+    launch(1, common(tiny_models, ref, steps=8))
+    reference = losses(ref)
+
+    run = tmp_path / "killed"
+    # killed while saving step 6: its folder has no COMPLETE marker, so auto picks step 4
+    proc = launch(
+        1,
+        common(tiny_models, run, steps=8),
+        env={"AUDIO_LLM_FAULT": "in_save:6"},
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert (run / "checkpoints" / "step_00000006").is_dir()
+    assert not (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+    # resumed from step 4; then killed right after step 7 (a plain SIGKILL between steps)
+    proc = launch(
+        1,
+        common(tiny_models, run, steps=8),
+        env={"AUDIO_LLM_FAULT": "after_step:7"},
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert "resumed from" in proc.stdout + proc.stderr
+    launch(1, common(tiny_models, run, steps=8))  # resumes from step 6, finishes
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["start_step"] == 6
+
+
+def test_two_nodes_on_loopback_train_together(tiny_models, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    out = tmp_path / "two_nodes"
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [
+            DEEPSPEED,
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "1",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            str(REPO / "launch" / "stage1.py"),
+            "--deepspeed_config",
+            str(REPO / "ds_configs" / "zero2.json"),
+            *common(tiny_models, out, steps=4),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["parameter_digests"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "message"),
+    [
+        (2, [], "stage 2 starts from a stage-1 projector"),
+        (1, ["data.train_shards=/nonexistent/shards"], "no such file or folder"),
+        (1, ["data.batch_size=13"], "cannot give every rank one batch"),
+    ],
+)
+def test_bad_config_fails_before_any_rank_trains(tiny_models, tmp_path, stage, overrides, message):
+    proc = launch(
+        stage, [*common(tiny_models, tmp_path / "bad", steps=2), *overrides], expect_ok=False
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_eval_gives_the_same_wer_on_one_and_two_ranks(stage1_run, tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    results = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"eval{ranks}"
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "audio_llm.cli",
+            "eval",
+            "--run-dir",  # torchrun would read --run as its own --run-path
+            str(stage1_run),
+            "--shards",
+            str(SHARDS),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "8",
+        ]
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        rows = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
+        results[ranks] = (summary, {r["id"]: r["hyp"] for r in rows})
+    assert results[1][0]["utterances"] == results[2][0]["utterances"] == 24
+    assert results[1][0]["wer"] == results[2][0]["wer"]
+    assert results[1][1] == results[2][1]
