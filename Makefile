@@ -28,7 +28,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest -q tests
 
 # espeak-ng speaks the demo corpus, sox handles odd audio; apt where we can, a clear message elsewhere.

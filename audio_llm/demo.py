@@ -26,11 +26,11 @@ DEMO_MODELS = TinySpec(
     whisper_d_model=128,
     whisper_layers=2,
     whisper_heads=4,
-    llm_hidden=256,
-    llm_layers=4,
+    llm_hidden=128,
+    llm_layers=2,
     llm_heads=4,
     llm_kv_heads=2,
-    llm_intermediate=512,
+    llm_intermediate=256,
     tokenizer_vocab=512,
 )
 SPLITS = ("train", "test_seen_voices", "test_unseen_voice")
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-utterances", type=int, default=3000)
     parser.add_argument("--test-utterances", type=int, default=200)
-    parser.add_argument("--stage1-steps", type=int, default=150)
-    parser.add_argument("--stage2-steps", type=int, default=1200)
-    parser.add_argument("--stage2-lr", type=float, default=2e-3)
+    parser.add_argument("--stage1-steps", type=int, default=100)
+    parser.add_argument("--stage2-steps", type=int, default=1500)
+    parser.add_argument("--stage2-lr", type=float, default=3e-3)
     parser.add_argument("--fresh", action="store_true", help="rebuild corpus and shards too")
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve()
@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             "--encoder",
             str(models["whisper"]),
         ]
-        cmd += ["--max-samples", "200" if split == "train" else "100", "--overwrite", "--quiet"]
+        # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
+        per_shard = max(1, -(-(spec.train if split == "train" else spec.test) // 8))
+        cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
         _run(cmd, logs / f"pack_{split}.log")
     times["pack"] = time.time() - t
 

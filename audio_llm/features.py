@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import WhisperFeatureExtractor
 
 from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
@@ -73,35 +74,49 @@ def log_mel_batch(
         raise AudioLLMError(
             f"clip lengths must be in ({N_FFT // 2}, {samples}] samples, got {lengths.tolist()}"
         )
-    half = N_FFT // 2
+    filters = _filters(mel_filters, device)
+    frames = samples // HOP_LENGTH
+    frame_lengths = torch.div(lengths, HOP_LENGTH, rounding_mode="floor")
+    if device.type != "cpu":
+        return _log_mel_rows(waveforms, lengths, filters, frames), frame_lengths
+    # On a CPU, one clip at a time: no STFT over the batch's padding, and each spectrogram stays
+    # in cache. 8 clips of 1-25 s, 1 thread: 2 ms per clip, vs 5 batched (10 with a gather).
+    features = waveforms.new_empty(batch, filters.shape[1], frames)
+    for row, n in enumerate(lengths.tolist()):
+        clip = waveforms[row : row + 1, :n]
+        features[row] = _log_mel_rows(clip, lengths[row : row + 1], filters, frames)[0]
+    return features, frame_lengths
 
-    # A batched torch.stft would reflect-pad only at the batch's end, so each row's tail frames
-    # would see zeros instead of its own reflection. Build each row's centred, reflect-padded
-    # signal with one gather instead: index i reads clip sample i - half, mirrored at both ends.
-    source = torch.arange(samples + 2 * half, device=device) - half
-    source = source[None, :].expand(batch, -1)
-    last = (lengths - 1)[:, None]
-    source = source.abs()  # left edge: x[-j] -> x[j]
-    source = torch.where(
-        source > last, 2 * last - source, source
-    )  # right edge: x[L-1+j] -> x[L-1-j]
-    padded = torch.gather(waveforms, 1, source.clamp(0, samples - 1))
+
+def _log_mel_rows(
+    waveforms: torch.Tensor, lengths: torch.Tensor, filters: torch.Tensor, frames: int
+) -> torch.Tensor:
+    """`log_mel_batch`'s features for checked float32 rows, padded to `frames` frames."""
+    device = waveforms.device
+    half = N_FFT // 2
+    # A centred STFT reflects each clip at its own ends. Padding the batch reflects every row at
+    # the batch's end, so each row's right mirror (x[L-2], x[L-3], ...) is written after its
+    # last sample; frames past the clip, the only ones that read beyond it, are masked below.
+    padded = nn.functional.pad(waveforms, (half, half), mode="reflect")
+    offsets = torch.arange(half, device=device)[None, :]
+    end = lengths[:, None]
+    padded.scatter_(1, half + end + offsets, torch.gather(waveforms, 1, end - 2 - offsets))
 
     window = torch.hann_window(N_FFT, device=device)
     stft = torch.stft(padded, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # drop the last frame, as Whisper does
-    mel = _filters(mel_filters, device).T @ power  # [B, n_mels, S // 160]
-    log_spec = torch.clamp(mel, min=LOG_FLOOR).log10()
+    stft = stft[..., :-1]  # drop the last frame, as Whisper does
+    power = stft.real.square() + stft.imag.square()  # |z|^2 without abs()'s square root
+    log_spec = torch.clamp(filters.T @ power, min=LOG_FLOOR).log10()
+    log_spec = nn.functional.pad(log_spec, (0, frames - log_spec.shape[-1]))
 
     frame_lengths = torch.div(lengths, HOP_LENGTH, rounding_mode="floor")
-    valid = torch.arange(log_spec.shape[-1], device=device)[None, :] < frame_lengths[:, None]
+    valid = torch.arange(frames, device=device)[None, :] < frame_lengths[:, None]
     # The clamp is relative to the clip's own loudest valid frame, not to padding or other rows.
     clip_max = log_spec.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=(1, 2))
     log_spec = torch.maximum(log_spec, (clip_max - DYNAMIC_RANGE)[:, None, None])
     features = (log_spec + 4.0) / 4.0
     pad_value = torch.clamp((clip_max + 4.0) / 4.0 - DYNAMIC_RANGE / 4.0, min=-1.5)
-    features = torch.where(valid[:, None, :], features, pad_value[:, None, None])
-    return features, frame_lengths
+    return torch.where(valid[:, None, :], features, pad_value[:, None, None])
 
 
 def log_mel(

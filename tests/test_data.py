@@ -220,9 +220,13 @@ def test_mel_shards_match_live_features(shard_dirs, model):
     mel = next(iter(build_loader(cfg, model, spec=str(shard_dirs["mel"]))))
     assert live["keys"] == mel["keys"]
     assert torch.equal(live["feature_lengths"], mel["feature_lengths"])
+    assert mel["input_features"].dtype == torch.float16  # as stored; the encoder casts it
     for row, n in enumerate(live["feature_lengths"].tolist()):
         torch.testing.assert_close(
-            mel["input_features"][row, :, :n], live["input_features"][row, :, :n], atol=5e-3, rtol=0
+            mel["input_features"][row, :, :n].float(),
+            live["input_features"][row, :, :n],
+            atol=5e-3,
+            rtol=0,
         )
     assert torch.equal(live["input_ids"], mel["input_ids"])
 

@@ -130,13 +130,17 @@ def test_stage1_trains_checkpoints_exports_and_logs(stage1_run):
 def test_stage2_lora_export_loads_with_stock_peft(stage1_run, tiny_models, tmp_path, ds_config):
     out = tmp_path / "stage2"
     projector = stage1_run / "export" / "projector.safetensors"
+    wer_every_3 = [f"data.eval_shards={SHARDS}", "eval.every=3", "eval.limit=4"]
+    wer_every_3 += ["eval.max_new_tokens=4", "eval.batch_size=2"]
     launch(
         2,
-        [*common(tiny_models, out, steps=6), f"model.projector_init={projector}"],
+        [*common(tiny_models, out, steps=6), f"model.projector_init={projector}", *wer_every_3],
         ds_config=ds_config,
     )
     summary = json.loads((out / "summary.json").read_text())
     assert len(set(summary["parameter_digests"])) == 1
+    assert sorted(summary["eval_wer"], key=int) == ["3", "6"]  # WER during training, ZeRO-3 too
+    assert all(w is not None and w >= 0 for w in summary["eval_wer"].values())
     adapter = out / "export" / "adapter"
     weights = load_file(adapter / "adapter_model.safetensors")
     assert len(weights) == 28 and all(t.numel() > 0 for t in weights.values())

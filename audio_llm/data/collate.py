@@ -70,27 +70,19 @@ class Collator:
 
     def __call__(self, samples: list[AudioSample]) -> dict:
         """Training batch: right-padded ids, labels and mask, plus the audio tensors."""
-        width = max(len(s.example.input_ids) for s in samples)
-        ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, s in enumerate(samples):
-            n = len(s.example.input_ids)
-            ids[row, :n] = torch.tensor(s.example.input_ids)
-            labels[row, :n] = torch.tensor(s.example.labels)
-            mask[row, :n] = 1
+        ids = _pad_ids([s.example.input_ids for s in samples], self.pad_id)
+        labels = _pad_ids([s.example.labels for s in samples], IGNORE_INDEX)
+        lengths = torch.tensor([len(s.example.input_ids) for s in samples])
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return self._add_audio(batch, samples)
 
     def prompt_batch(self, samples: list[AudioSample]) -> dict:
         """Generation batch: left-padded prompts (no transcript) plus the audio tensors."""
         prompts = [self.prompts.prompt(self.audio_tokens(_frames(s)), s.prompt) for s in samples]
-        width = max(map(len, prompts))
-        ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids = _pad_ids(prompts, self.pad_id, left=True)
+        lengths = torch.tensor([len(p) for p in prompts])
+        mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
         batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)}
         batch = self._add_audio(batch, samples)
         del batch["labels"]
@@ -98,17 +90,20 @@ class Collator:
 
     def _add_audio(self, batch: dict, samples: list[AudioSample]) -> dict:
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        # Stored payloads stay float16 (half the bytes a worker sends to the training process);
+        # the encoder and projector cast their input to their own dtype.
         if self.mode == "encoder":
-            batch["audio_embeds"], batch["audio_lengths"] = _pad_frames([s.enc for s in samples])
+            batch["audio_embeds"] = _pad([s.enc for s in samples])
+            batch["audio_lengths"] = torch.tensor([s.enc.shape[0] for s in samples])
         elif self.mode == "mel":
-            mels = [s.mel.T for s in samples]  # [T, n_mels] so frames are the padded axis
-            feats, lengths = _pad_frames(mels)
-            batch["input_features"], batch["feature_lengths"] = feats.transpose(1, 2), lengths
+            batch["input_features"] = _pad([s.mel for s in samples])
+            batch["feature_lengths"] = torch.tensor([s.mel.shape[1] for s in samples])
         else:
             from audio_llm.features import log_mel_batch
 
-            waves, lengths = _pad_frames([s.audio[:, None] for s in samples])
-            feats, frames = log_mel_batch(waves[..., 0], lengths, self.mel_filters)
+            waves = _pad([s.audio for s in samples])
+            lengths = torch.tensor([len(s.audio) for s in samples])
+            feats, frames = log_mel_batch(waves, lengths, self.mel_filters)
             batch["input_features"], batch["feature_lengths"] = feats, frames
         audio_positions = int((ids == self.prompts.audio_token_id).sum())
         batch["stats"] = {
@@ -133,10 +128,23 @@ def _frames(sample: AudioSample) -> int:
     return len(sample.audio) // HOP_LENGTH
 
 
-def _pad_frames(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack `[T_i, ...]` arrays into a zero-padded float32 `[B, T_max, ...]` plus lengths."""
-    lengths = torch.tensor([a.shape[0] for a in arrays])
-    out = torch.zeros((len(arrays), int(lengths.max()), *arrays[0].shape[1:]), dtype=torch.float32)
+def _pad_ids(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:
+    """int64 `[len(rows), longest row]`, each row padded with `fill` on the right (or left)."""
+    width = max(map(len, rows))
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for row, values in enumerate(rows):
+        # numpy converts the list in one C loop; a torch.tensor per row cost more than the rest
+        if left:
+            out[row, width - len(values) :] = values
+        else:
+            out[row, : len(values)] = values
+    return torch.from_numpy(out)
+
+
+def _pad(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Zero-padded stack `[B, *largest shape]` of arrays of one dtype, in that dtype."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.zeros((len(arrays), *shape), dtype=arrays[0].dtype)
     for row, a in enumerate(arrays):
-        out[row, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
-    return out, lengths
+        out[row][tuple(slice(0, n) for n in a.shape)] = a
+    return torch.from_numpy(out)

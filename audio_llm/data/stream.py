@@ -84,7 +84,8 @@ def read_shard(shard: ShardInfo, payload: str, problems: _Problems) -> Iterator[
     try:
         with wds.gopen(shard.url, "rb") as raw_stream:
             reader = _HashingReader(raw_stream)
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+            # 64 KiB reads instead of tarfile's 10 KiB records: fewer read and hash calls.
+            with tarfile.open(fileobj=reader, mode="r|*", bufsize=64 * 1024) as tar:
                 for member in tar:
                     if not member.isreg():
                         continue
