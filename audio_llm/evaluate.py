@@ -255,4 +255,5 @@ def run(args: argparse.Namespace) -> int:
         flagged = sum(1 for r in result.rows if r["flags"])
         print(f"flagged hypotheses (loops / longer than the audio): {flagged}")
         print(f"wrote {args.out}/utterances.jsonl and summary.json")
+    dist.shutdown()  # no rank exits while another is still in a collective
     return 0

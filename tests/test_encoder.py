@@ -29,22 +29,29 @@ def _speech_like(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def test_valid_frames_padded_like_the_feature_extractor(tiny_models):
-    """Re-padding valid frames reproduces the stock 30 s input exactly, so outputs agree."""
+    """The encoder pads valid frames with exactly what WhisperFeatureExtractor's 30 s padding
+    holds past a clip's end, and runs the stock encoder on that window."""
     fe = WhisperFeatureExtractor.from_pretrained(tiny_models["whisper"])
     whisper = load_whisper_encoder(tiny_models["whisper"])
     encoder = AudioEncoder(whisper)
     clips = [_speech_like(4.3, 0), _speech_like(11.0, 1)]
     full = torch.tensor(fe(clips, sampling_rate=16000, return_tensors="np").input_features)
     lengths = torch.tensor([mel_frames(len(c)) for c in clips])
+    expected = full.clone()
+    for row, n in enumerate(lengths.tolist()):
+        floor = torch.clamp(full[row, :, :n].max() - 2.0, min=-1.5)
+        # Past the frames whose STFT window still reaches the audio, the extractor holds the floor.
+        torch.testing.assert_close(
+            full[row, :, n + 2 :], torch.full_like(full[row, :, n + 2 :], floor)
+        )
+        expected[row, :, n:] = floor
     cut = full[:, :, : int(lengths.max())].clone()
     cut[0, :, int(lengths[0]) :] = 123.0  # junk beyond a clip's end must not matter
     hidden, out_lengths = encoder(cut, lengths)
-    stock = whisper(full).last_hidden_state
+    stock = whisper(expected).last_hidden_state
     assert out_lengths.tolist() == [encoder_frames(int(n)) for n in lengths]
     for row, n in enumerate(out_lengths.tolist()):
-        # The last output frame's receptive field reaches one mel frame past the clip's end,
-        # which the stock extractor fills from the audio tail; every other frame must agree.
-        torch.testing.assert_close(hidden[row, : n - 1], stock[row, : n - 1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden[row, :n], stock[row, :n], rtol=1e-4, atol=1e-4)
 
 
 def test_longer_than_30s_is_an_error_not_a_silent_cut(tiny_models):
