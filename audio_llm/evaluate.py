@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from audio_llm import dist
-from audio_llm.data.collate import AudioSample, Collator
+from audio_llm.data.collate import AudioSample, Collator, model_collator
 from audio_llm.data.shards import ShardSet
 from audio_llm.data.stream import _Problems, decode_sample, parse_sample, read_shard
 from audio_llm.errors import AudioLLMError
+from audio_llm.export import add_model_source
 from audio_llm.wer import score
 
 MAX_WORDS_PER_SECOND = 6.0  # fast speech is ~4 words/s; more than this cannot all be in the audio
@@ -42,13 +43,8 @@ class EvalResult:
 
 
 def eval_collator(model, mode: str) -> Collator:
-    return Collator(
-        model.prompts,
-        mode,
-        model.projector.stack,
-        max_length=10**9,  # nothing is refused at evaluation: every utterance is scored
-        mel_filters=model.feature_extractor.mel_filters if mode == "audio" else None,
-    )
+    # nothing is refused at evaluation: every utterance is scored
+    return model_collator(model, mode, max_length=10**9)
 
 
 def iter_samples(
@@ -211,15 +207,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "split across ranks and scored together."
         ),
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--run",
-        "--run-dir",
-        dest="run",
-        help="training run folder (its config.yaml and export/); under torchrun write --run-dir, "
-        "since torchrun takes --run as an abbreviation of its own --run-path",
-    )
-    src.add_argument("--export", help="folder written by `audio-llm export`")
+    add_model_source(p)
     p.add_argument("--shards", required=True, help="packed shard folder, or URLs with --index")
     p.add_argument("--index", default="", help="index.json for URL shard specs")
     p.add_argument("--out", required=True, help="output folder")

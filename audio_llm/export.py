@@ -170,6 +170,19 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
     return out
 
 
+def add_model_source(parser) -> None:
+    """--run RUN_DIR | --export DIR, the two ways `eval` and `transcribe` find a model."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        help="training run folder (its config.yaml and export/); under torchrun write --run-dir, "
+        "since torchrun takes --run as an abbreviation of its own --run-path",
+    )
+    src.add_argument("--export", help="folder written by `audio-llm export`")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export",

@@ -21,6 +21,7 @@ import torch
 
 from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
+from audio_llm.export import add_model_source
 
 WINDOW_SECONDS = 30.0
 WORDS_PER_SECOND = 5.0  # generous speaking rate: bounds how far into a text the overlap can reach
@@ -115,15 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and the texts are joined at their shared words."
         ),
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--export", help="folder written by `audio-llm export`")
-    src.add_argument(
-        "--run",
-        "--run-dir",
-        dest="run",
-        help="training run folder (its config.yaml and export/); under torchrun write --run-dir, "
-        "since torchrun takes --run as an abbreviation of its own --run-path",
-    )
+    add_model_source(p)
     p.add_argument("files", nargs="+", help="audio files")
     p.add_argument("--overlap", type=float, default=5.0, help="window overlap in seconds")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per 30 s window")

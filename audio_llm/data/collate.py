@@ -148,3 +148,14 @@ def _pad(arrays: list[np.ndarray]) -> torch.Tensor:
     for row, a in enumerate(arrays):
         out[row][tuple(slice(0, n) for n in a.shape)] = a
     return torch.from_numpy(out)
+
+
+def model_collator(model, mode: str, max_length: int) -> Collator:
+    """The collator for `model` and a shard mode (live log-mel uses the model's mel filters)."""
+    return Collator(
+        model.prompts,
+        mode,
+        model.projector.stack,
+        max_length,
+        mel_filters=model.feature_extractor.mel_filters if mode == "audio" else None,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from audio_llm.config import DataConfig
-from audio_llm.data.collate import Collator
+from audio_llm.data.collate import model_collator
 from audio_llm.data.shards import ShardSet
 from audio_llm.data.stream import ShardLoader, ShardStream
 from audio_llm.encoder import encoder_identity
@@ -47,13 +47,7 @@ def build_loader(
     """Open `spec` (packed folder, or URLs + `index`), check it against `model`, build a loader."""
     shards = ShardSet.open(spec, index)
     check_compatible(shards, model)
-    collator = Collator(
-        model.prompts,
-        shards.mode,
-        model.projector.stack,
-        cfg.max_length,
-        mel_filters=model.feature_extractor.mel_filters if shards.mode == "audio" else None,
-    )
+    collator = model_collator(model, shards.mode, cfg.max_length)
     stream = ShardStream(
         shards,
         collator,
