@@ -6,10 +6,12 @@ half-written export under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -26,10 +28,7 @@ MANIFEST_FILE = "export.json"
 def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = None) -> Path:
     """`out_dir/projector.safetensors`, `out_dir/adapter/` (if LoRA) and `out_dir/export.json`."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; exports are shared
+    with _staged_dir(out) as tmp:
         model.projector.save(tmp / PROJECTOR_FILE)
         has_lora = hasattr(model.llm, "peft_config")
         if has_lora:
@@ -49,6 +48,18 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
             **(extra or {}),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def _staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces it only if the block finishes: a crash
+    never leaves a half-written folder under the final name (and removes the temporary one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; exports are shared
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,7 +71,6 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _umask() -> int:
@@ -135,10 +145,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
     run_dir, out = Path(run_dir), Path(out_dir)
     model = load_for_inference(run=run_dir)
     cfg, weights = _run_model_config(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with _staged_dir(out) as tmp:
         model.encoder.whisper.save_pretrained(tmp / "encoder")
         model.feature_extractor.save_pretrained(tmp / "encoder")
         shutil.copy2(weights / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
@@ -156,17 +163,11 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
             "format": BUNDLE_FORMAT,
             "model": fields,
             "adapter": adapter,
-            "merged": bool(merge and adapter is None and fields["llm"] == "llm"),
+            "merged": fields["llm"] == "llm",
             "source_run": str(run_dir),
             "trained": json.loads((weights / MANIFEST_FILE).read_text()),
         }
         (tmp / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
