@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from audio_llm.dist import free_port
 from audio_llm.speech import CorpusSpec, make_corpus
 from audio_llm.tiny import TinySpec, write_tiny_models
 
@@ -34,12 +34,6 @@ DEMO_MODELS = TinySpec(
     tokenizer_vocab=512,
 )
 SPLITS = ("train", "test_seen_voices", "test_unseen_voice")
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -127,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== 4/6 stage 1: projector, {args.stage1_steps} steps, deepspeed --num_gpus 2 (ZeRO-2)")
     stage1 = out / "stage1"
-    cmd = [*deepspeed, "--master_port", _port(), str(REPO / "launch" / "stage1.py"), *ds_config]
+    cmd = [
+        *deepspeed,
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "stage1.py"),
+        *ds_config,
+    ]
     cmd += [*common, f"train.out_dir={stage1}", f"train.max_steps={args.stage1_steps}"]
     cmd += ["eval.every=1000000", "eval.at_start=true"]  # WER before training, then at the end
     times["stage1"] = _run(cmd, logs / "stage1.log")
@@ -136,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== 5/6 stage 2: projector + LoRA, {args.stage2_steps} steps")
     stage2 = out / "stage2"
-    cmd = [*deepspeed, "--master_port", _port(), str(REPO / "launch" / "stage2.py"), *ds_config]
+    cmd = [
+        *deepspeed,
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "stage2.py"),
+        *ds_config,
+    ]
     cmd += [*common, f"train.out_dir={stage2}", f"train.max_steps={args.stage2_steps}"]
     cmd += [
         f"train.lr={args.stage2_lr}",
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             "--nproc_per_node",
             "2",
             "--master_port",
-            _port(),
+            str(free_port()),
             "-m",
             "audio_llm.cli",
         ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from audio_llm.dist import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 SHARDS = REPO / "shards" / "sample" / "audio"
 TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(extra: dict | None = None) -> dict:
