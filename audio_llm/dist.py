@@ -25,6 +25,7 @@ import re
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +114,26 @@ def init_distributed(timeout: timedelta | None = None) -> None:
         verbose=False,
         **kwargs,
     )
+    _release_shm_buffer()
+
+
+def _release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer once every rank has it.
+
+    On CPU, when all ranks share a node, DeepSpeed's shm comm op creates a 64 MiB
+    `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` per rank and never unlinks
+    it: every run (killed or not) leaves them behind until /dev/shm fills and the OOM killer
+    stops training. Peers map the buffers during init, so after a barrier the names can go; the
+    mappings live on until the processes exit.
+    """
+    env = os.environ
+    if torch.cuda.is_available() or env.get("LOCAL_SIZE") != env.get("WORLD_SIZE"):
+        return
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", ""), tdist.get_rank()
+    )
+    barrier()  # the same condition holds on every rank, so all of them get here
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def shutdown() -> None:

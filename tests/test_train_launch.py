@@ -58,12 +58,13 @@ def launch(
     expect_ok: bool = True,
     extra: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
+    port = free_port()
     cmd = [
         DEEPSPEED,
         "--num_gpus",
         str(gpus),
         "--master_port",
-        str(free_port()),
+        str(port),
         str(REPO / "launch" / f"stage{stage}.py"),
         "--deepspeed_config",
         str(REPO / ds_config),
@@ -75,6 +76,8 @@ def launch(
     )
     if expect_ok:
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    # DeepSpeed's CPU shm allreduce buffers (64 MiB per rank) are released, killed run or not
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 
