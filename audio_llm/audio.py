@@ -67,10 +67,22 @@ def encode_flac(audio: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_flac(data: bytes, name: str = "<flac bytes>") -> np.ndarray:
-    """FLAC (or any soundfile format) bytes -> float32 mono 16 kHz; `name` appears in errors."""
+def decode_flac(data: bytes, name: str = "<flac bytes>", pcm16: bool = False) -> np.ndarray:
+    """FLAC (or any soundfile format) bytes -> float32 mono 16 kHz; `name` appears in errors.
+
+    With `pcm16`, int16 PCM instead (float32 is that / 32768): half the bytes, and for the 16 kHz
+    mono 16-bit FLAC that `encode_flac` writes, libsndfile's own samples with no float pass.
+    Other sources are converted to float, downmixed, resampled and rounded to 16 bits.
+    """
     try:
-        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if pcm16 and f.samplerate == SAMPLE_RATE and f.channels == 1:
+                return f.read(dtype="int16")
+            sample_rate = f.samplerate
+            audio = f.read(dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:
         raise AudioDecodeError(f"{name}: cannot decode audio ({exc})") from exc
-    return to_mono_16k(audio, sample_rate)
+    audio = to_mono_16k(audio, sample_rate)
+    if pcm16:
+        audio = np.rint(np.clip(audio, -1.0, 1.0) * 32768).clip(-32768, 32767).astype(np.int16)
+    return audio

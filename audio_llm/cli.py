@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("audio_llm.evaluate", "transcribe shards with a trained model and report WER"),
     "export": ("audio_llm.export", "bundle a training run into a folder transcribe/eval load"),
     "transcribe": ("audio_llm.transcribe", "transcribe audio files of any length"),
+    "plan": ("audio_llm.plan", "memory per GPU, FLOPs and epoch time for a setup (no download)"),
 }
 
 

@@ -58,6 +58,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "bfloat16", "Weights dtype (CPU: float32)."
     )
+    varlen_encoder: bool = opt(
+        False,
+        "Run Whisper on the valid frames only (positional embeddings sliced, padding masked) "
+        "instead of padding every clip to 30 s. Cheaper; Whisper was pretrained on 30 s windows.",
+    )
     gradient_checkpointing: bool = opt(
         False, "Recompute LLM activations in backward to save memory."
     )
@@ -98,14 +103,41 @@ class DataConfig:
     batch_size: int = opt(8, "Micro-batch size per rank.")
     num_workers: int = opt(2, "DataLoader workers per rank.")
     shuffle_buffer: int = opt(1000, "Samples held in the shuffle buffer.")
+    bucket_by_length: bool = opt(
+        False,
+        "Group samples of similar duration inside the shuffle buffer so batches carry little "
+        "padding.",
+    )
+    max_batch_seconds: float = opt(
+        0.0,
+        "Token-budget batches: cap batch_size x longest clip (seconds) per batch; 0 = fixed "
+        "batch_size. Needs bucket_by_length; >= 30 so that any clip fits.",
+    )
     max_length: int = opt(2048, "Max tokens (audio + prompt + transcript); longer samples skipped.")
     long_audio: Literal["skip", "truncate"] = opt("skip", "Audio over 30 s: skip or cut to 30 s.")
+    features_on: Literal["loader", "device"] = opt(
+        "loader",
+        "Live (audio) shards: compute log-mel in the loader workers, or only decode there and "
+        "compute it batched on the training device (for nodes with few CPU cores per GPU). "
+        "Mel and encoder shards carry precomputed features and ignore it.",
+    )
     seed: int = opt(0, "Seeds shard order, shuffling and augmentation (with epoch, rank, worker).")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.max_length >= 16, f"data.max_length must be >= 16 (got {self.max_length})")
+        budget = self.max_batch_seconds
+        _check(
+            budget == 0 or self.bucket_by_length,
+            "data.max_batch_seconds cuts batches from the length-sorted buffer: "
+            "set data.bucket_by_length=true too (or max_batch_seconds=0)",
+        )
+        _check(
+            budget == 0 or budget >= 30,
+            f"data.max_batch_seconds={budget:g} is less than one 30 s clip: set it >= 30 "
+            "(or 0 for fixed batch_size)",
+        )
 
 
 @dataclass
@@ -125,6 +157,9 @@ class TrainConfig:
     log_every: int = opt(10, "Log every N steps.")
     seed: int = opt(0, "Model-side seed (projector/LoRA init, dropout).")
     max_bad_steps: int = opt(5, "Abort after this many non-finite losses in a row.")
+    peak_tflops: float = opt(
+        0.0, "Peak dense TFLOP/s per device for MFU (H100 bf16: 989); 0 = do not log MFU."
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
@@ -133,6 +168,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {self.grad_accum})")
         _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every/keep_last >= 1")
+        _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (got {self.peak_tflops})")
 
 
 @dataclass

@@ -71,13 +71,16 @@ def encoder_frames(num_mel_frames: torch.Tensor | int) -> torch.Tensor | int:
     return (num_mel_frames - 1) // ENCODER_DOWNSAMPLE + 1
 
 
-def encoder_identity(whisper: WhisperEncoder | WhisperConfig, path: str | Path) -> dict:
+def encoder_identity(
+    whisper: WhisperEncoder | WhisperConfig, path: str | Path, varlen: bool = False
+) -> dict:
     """What must agree between precomputed encoder shards and the encoder a run uses: the
-    architecture, and (given the module) a fingerprint of its weights, so two checkpoints of the
-    same shape are still told apart."""
+    architecture, how it is run (`varlen`), and (given the module) a fingerprint of its weights,
+    so two checkpoints of the same shape are still told apart."""
     config = whisper if isinstance(whisper, WhisperConfig) else whisper.config
     identity = {
         "name_or_path": str(path),
+        "varlen": varlen,
         "d_model": config.d_model,
         "encoder_layers": config.encoder_layers,
         "num_mel_bins": config.num_mel_bins,
@@ -101,16 +104,31 @@ def encoder_identity(whisper: WhisperEncoder | WhisperConfig, path: str | Path) 
 class AudioEncoder(nn.Module):
     """Frozen Whisper encoder: log-mel `[B, n_mels, T]` + valid lengths -> `[B, F, d_model]`.
 
-    The stock encoder only accepts the full 30 s window, so shorter features are padded to 3,000
-    frames with the log-mel floor of each clip (what WhisperFeatureExtractor's zero padding
-    produces after its clamp at max - 8 and rescale), and only the valid output frames are kept.
-    Longer features are an error: the length policy in the data pipeline must handle them first.
+    Two ways to run it (`varlen`):
+    - padded (default, what the seed and stock Whisper do): every clip is padded to the 30 s window
+      (3,000 mel frames) with the log-mel floor of the clip (what WhisperFeatureExtractor's zero
+      padding produces after its clamp at max - 8 and rescale), and only the valid output frames
+      are kept. Pretrained Whisper only ever saw 30 s windows, so this is the faithful choice, but
+      a 5 s clip costs as much as a 30 s one.
+    - varlen: only the batch's longest clip is run; positional embeddings are sliced to its length
+      and padded frames are masked out of attention (and zeroed between the convolutions), so each
+      clip's output is what it gets when run alone. Cost follows audio length. For a full 30 s clip
+      both give the stock encoder's output; for shorter clips varlen is a different function of
+      the same weights (attention no longer sees trailing silence), which the projector and LoRA
+      are trained on - the same for training and inference, so keep one setting per run.
+    Features over 30 s are an error in both: the data pipeline's length policy handles them first.
     """
 
-    def __init__(self, whisper: WhisperEncoder) -> None:
+    def __init__(self, whisper: WhisperEncoder, varlen: bool = False) -> None:
         super().__init__()
         self.whisper = whisper
         self.whisper.requires_grad_(False)
+        self.varlen = varlen
+        if varlen and whisper.config._attn_implementation.startswith("flash"):
+            raise AudioLLMError(
+                "the varlen encoder masks padding with a 4-D attention mask, which flash "
+                "attention does not take; load Whisper with sdpa or eager attention"
+            )
         self.d_model: int = whisper.config.d_model
         self.num_mel_bins: int = whisper.config.num_mel_bins
         self.max_mel_frames: int = whisper.config.max_source_positions * ENCODER_DOWNSAMPLE
@@ -139,13 +157,42 @@ class AudioEncoder(nn.Module):
             )
         dtype = next(self.whisper.parameters()).dtype
         features = features.to(dtype)
+        lengths = lengths.to(features.device)
+        if self.varlen:
+            return self._forward_varlen(features, lengths)
         positions = torch.arange(self.max_mel_frames, device=features.device)
-        valid = positions[None, :] < lengths.to(features.device)[:, None]
+        valid = positions[None, :] < lengths[:, None]
         padded = nn.functional.pad(features, (0, self.max_mel_frames - frames))
         clip_max = padded.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=(1, 2))
         # zero samples give log10(1e-10) = -10, i.e. -1.5 rescaled, unless the max-8 clamp is higher
         floor = torch.clamp(clip_max - 2.0, min=-1.5)
         padded = torch.where(valid[:, None, :], padded, floor[:, None, None])
         hidden = self.whisper(padded).last_hidden_state
-        out_lengths = self.output_lengths(lengths.to(features.device))
+        out_lengths = self.output_lengths(lengths)
         return hidden[:, : int(out_lengths.max())], out_lengths
+
+    def _forward_varlen(
+        self, features: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """WhisperEncoder.forward on `max(lengths)` frames, with padding masked out."""
+        whisper = self.whisper
+        frames = int(lengths.max())
+        features = features[..., :frames]
+        mel_valid = torch.arange(frames, device=features.device)[None, :] < lengths[:, None]
+        # Zeros beyond each clip are what conv1's own zero padding shows a clip run alone ...
+        hidden = nn.functional.gelu(whisper.conv1(features * mel_valid[:, None, :]))
+        # ... and conv2 must see zeros there too, not gelu(conv1 bias).
+        hidden = nn.functional.gelu(whisper.conv2(hidden * mel_valid[:, None, :]))
+        hidden = hidden.permute(0, 2, 1)
+        out_lengths = self.output_lengths(lengths)
+        width = hidden.shape[1]
+        hidden = hidden + whisper.embed_positions.weight[:width]
+        valid = torch.arange(width, device=hidden.device)[None, :] < out_lengths[:, None]
+        mask = None
+        if not bool(valid.all()):
+            # Additive key mask [B, 1, 1, F], read alike by the eager and sdpa attention paths.
+            mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        for layer in whisper.layers:
+            hidden = layer(hidden, mask)
+        return whisper.layer_norm(hidden), out_lengths

@@ -5,8 +5,9 @@ hop 160, periodic Hann window, reflect padding), power spectrum, the extractor's
 filters, the last STFT frame dropped, log10 with a 1e-10 floor, a clamp at the clip's max - 8 and
 (x + 4) / 4. The extractor itself pads every clip to 30 s, which moves the clamp and costs 3,000
 frames per clip; here each clip keeps its own `num_samples // 160` frames, and a batch gives each
-row exactly what the clip alone would give, so features can be computed live on the GPU or
-precomputed by `pack`.
+row exactly what the clip alone would give, so features can be computed live in loader workers,
+batched on the training device (`data.features_on=device`: `AudioLLM` gets int16 waveforms), or
+precomputed by `pack`, and all three agree.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from audio_llm.errors import AudioLLMError
 N_FFT = 400
 LOG_FLOOR = 1e-10  # log10 floor: digital silence becomes -10, i.e. -1.5 after rescaling
 DYNAMIC_RANGE = 8.0  # log10 units kept below each clip's loudest bin
+PCM16_SCALE = 1.0 / 32768  # int16 PCM -> [-1, 1), libsndfile's normalisation
 
 
 def feature_settings(extractor: WhisperFeatureExtractor) -> dict:
@@ -52,6 +54,15 @@ def _filters(mel_filters: np.ndarray | torch.Tensor, device: torch.device) -> to
     return filters
 
 
+def pcm_to_float(waveforms: torch.Tensor) -> torch.Tensor:
+    """float32 samples of float or int16 PCM audio (int16 / 32768, exactly as soundfile reads)."""
+    if waveforms.dtype == torch.int16:
+        return waveforms.to(torch.float32) * PCM16_SCALE  # a power of two: exact
+    if not waveforms.is_floating_point():
+        raise AudioLLMError(f"waveforms must be float or int16 PCM, got {waveforms.dtype}")
+    return waveforms.to(torch.float32)
+
+
 def log_mel_batch(
     waveforms: torch.Tensor,
     lengths: torch.Tensor,
@@ -62,12 +73,14 @@ def log_mel_batch(
     Returns `(features [B, n_mels, S // 160], frame_lengths [B])`, where `frame_lengths` is
     `lengths // 160` and row b's first `frame_lengths[b]` frames equal `log_mel(clip_b)`. Frames
     past a clip's end hold the value Whisper's own zero padding gives (max(clip max - 2, -1.5)).
-    Each clip needs more than 200 samples (the reflect padding of a centred STFT).
+    Each clip needs more than 200 samples (the reflect padding of a centred STFT). `waveforms`
+    are float (computed in float32) or int16 PCM, scaled by 1/32768 as soundfile scales 16-bit
+    audio it reads as float32: the same clip gives the same features either way.
     """
     if waveforms.ndim != 2:
         raise AudioLLMError(f"waveforms must be [batch, samples], got {tuple(waveforms.shape)}")
     device = waveforms.device
-    waveforms = waveforms.to(torch.float32)
+    waveforms = pcm_to_float(waveforms)
     batch, samples = waveforms.shape
     lengths = torch.as_tensor(lengths, device=device).long()
     if int(lengths.min()) <= N_FFT // 2 or int(lengths.max()) > samples:
@@ -122,11 +135,12 @@ def _log_mel_rows(
 def log_mel(
     audio: np.ndarray | torch.Tensor, mel_filters: np.ndarray | torch.Tensor
 ) -> torch.Tensor:
-    """Log-mel `[n_mels, num_samples // 160]` of one unpadded 16 kHz mono clip (any device).
+    """Log-mel `[n_mels, num_samples // 160]` of one unpadded 16 kHz mono clip (any device),
+    float or int16 PCM.
 
     `mel_filters` is `WhisperFeatureExtractor.mel_filters` (`[201, n_mels]`).
     """
-    waveform = torch.as_tensor(audio, dtype=torch.float32)
+    waveform = pcm_to_float(torch.as_tensor(audio))
     if waveform.ndim != 1:
         raise AudioLLMError(f"log_mel expects mono [samples] audio, got {tuple(waveform.shape)}")
     lengths = torch.tensor([waveform.shape[0]], device=waveform.device)

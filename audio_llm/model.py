@@ -21,6 +21,7 @@ from audio_llm.encoder import (
     load_whisper_encoder,
 )
 from audio_llm.errors import AudioLLMError
+from audio_llm.features import log_mel_batch
 from audio_llm.projector import AudioProjector
 from audio_llm.text import IGNORE_INDEX, PromptBuilder
 
@@ -30,7 +31,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class AudioLLM(nn.Module):
     """The trainable model. Batches carry token ids plus exactly one audio form:
 
-    - `input_features [B, n_mels, T]` + `feature_lengths [B]` (valid mel frames), or
+    - `input_features [B, n_mels, T]` + `feature_lengths [B]` (valid mel frames),
+    - `waveforms [B, S]` (int16 PCM or float, 16 kHz, zero-padded) + `waveform_lengths [B]`
+      (samples): log-mel is computed here, batched on the model's device (`data.features_on`), or
     - `audio_embeds [B, F, d_encoder]` + `audio_lengths [B]` (precomputed encoder outputs).
 
     Row b of `input_ids` must hold exactly `num_audio_tokens(...)` placeholders for its clip.
@@ -52,11 +55,27 @@ class AudioLLM(nn.Module):
         self.tokenizer = None
         self.feature_extractor = None
         self.prompts: PromptBuilder | None = None
+        # float32 mel filters per device: not a buffer, so no checkpoint or bf16 cast touches it
+        self._mel_filters: dict[torch.device, torch.Tensor] = {}
 
     # -- audio ------------------------------------------------------------------------------
     def num_audio_tokens(self, mel_frames: int) -> int:
         """LLM positions one clip of `mel_frames` valid log-mel frames occupies."""
         return int(self.projector.output_lengths(torch.tensor(encoder_frames(mel_frames))))
+
+    @torch.no_grad()
+    def log_mel(
+        self, waveforms: torch.Tensor, waveform_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel `[B, n_mels, S // 160]` + valid frames of padded waveforms, on their device,
+        equal to what the loader computes (`features.log_mel_batch`, the extractor's filters)."""
+        if self.feature_extractor is None:
+            raise AudioLLMError("waveform batches need model.feature_extractor (build_audio_llm)")
+        device = waveforms.device
+        if device not in self._mel_filters:
+            filters = torch.as_tensor(self.feature_extractor.mel_filters, dtype=torch.float32)
+            self._mel_filters[device] = filters.to(device)
+        return log_mel_batch(waveforms, waveform_lengths.to(device), self._mel_filters[device])
 
     def project_audio(
         self,
@@ -64,10 +83,19 @@ class AudioLLM(nn.Module):
         feature_lengths: torch.Tensor | None = None,
         audio_embeds: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        waveforms: torch.Tensor | None = None,
+        waveform_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio in any supported form -> (`[B, N, d_llm]` embeddings, valid lengths `[B]`)."""
-        if (input_features is None) == (audio_embeds is None):
-            raise AudioLLMError("a batch needs exactly one of input_features or audio_embeds")
+        forms = [x is not None for x in (input_features, audio_embeds, waveforms)]
+        if sum(forms) != 1:
+            raise AudioLLMError(
+                "a batch needs exactly one of input_features, waveforms or audio_embeds"
+            )
+        if waveforms is not None:
+            if waveform_lengths is None:
+                raise AudioLLMError("waveforms need waveform_lengths (valid samples)")
+            input_features, feature_lengths = self.log_mel(waveforms, waveform_lengths)
         if input_features is not None:
             if feature_lengths is None:
                 raise AudioLLMError("input_features need feature_lengths (valid mel frames)")
@@ -204,7 +232,9 @@ def build_audio_llm(
     if cfg.projector_init:
         projector.load(cfg.projector_init)
 
-    model = AudioLLM(AudioEncoder(whisper), projector, llm, prompts.audio_token_id)
+    model = AudioLLM(
+        AudioEncoder(whisper, cfg.varlen_encoder), projector, llm, prompts.audio_token_id
+    )
     model.tokenizer, model.feature_extractor, model.prompts = tokenizer, feature_extractor, prompts
     if lora is not None:
         from audio_llm.lora import apply_lora

@@ -390,7 +390,9 @@ def _prepared_stream(
 class EncoderBatcher:
     """Runs the frozen encoder over batches of log-mel, in order; fills each sample's payload."""
 
-    def __init__(self, encoder_dir: Path, batch_size: int, device: str, dtype: str) -> None:
+    def __init__(
+        self, encoder_dir: Path, batch_size: int, device: str, dtype: str, varlen: bool = False
+    ) -> None:
         import torch
 
         from audio_llm.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
@@ -398,8 +400,9 @@ class EncoderBatcher:
         self.torch = torch
         self.device = torch.device(device)
         whisper = load_whisper_encoder(encoder_dir, getattr(torch, dtype))
-        self.identity = encoder_identity(whisper, encoder_dir)  # includes a weights fingerprint
-        self.encoder = AudioEncoder(whisper).to(self.device)
+        # includes a weights fingerprint and how the encoder is run
+        self.identity = encoder_identity(whisper, encoder_dir, varlen)
+        self.encoder = AudioEncoder(whisper, varlen).to(self.device)
         self.batch_size = batch_size
         self.d_model = self.encoder.d_model
         self._pending: list[Prepared] = []
@@ -631,6 +634,7 @@ class PackOptions:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    varlen_encoder: bool = False
     shuffle: bool = False
     seed: int = 0
     overwrite: bool = False
@@ -722,7 +726,9 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
         import torch
 
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        batcher = EncoderBatcher(options.encoder, options.batch_size, device, options.dtype)
+        batcher = EncoderBatcher(
+            options.encoder, options.batch_size, device, options.dtype, options.varlen_encoder
+        )
         encoder_info = batcher.identity
         if encoder_info["num_mel_bins"] != features["n_mels"]:
             raise AudioLLMError(
@@ -1066,6 +1072,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encoder weights dtype, mode encoder (default float32)",
     )
     run_args.add_argument(
+        "--varlen-encoder",
+        action="store_true",
+        help="mode encoder: run Whisper on each clip's own frames instead of the 30 s window "
+        "(train with model.varlen_encoder=true; the index records which)",
+    )
+    run_args.add_argument(
         "--shuffle",
         action="store_true",
         help="shuffle samples across shards (deterministic with --seed); default: sorted by id",
@@ -1113,6 +1125,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        varlen_encoder=args.varlen_encoder,
         shuffle=args.shuffle,
         seed=args.seed,
         overwrite=args.overwrite,

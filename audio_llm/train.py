@@ -31,6 +31,7 @@ from audio_llm.errors import AudioLLMError
 from audio_llm.evaluate import evaluate
 from audio_llm.export import export_weights
 from audio_llm.faults import fault_point
+from audio_llm.flops import ModelShape, flops_rates, with_flops
 from audio_llm.metrics import MetricsLogger, StepTimer, format_progress, step_time_skew
 from audio_llm.model import build_audio_llm
 from audio_llm.schedule import make_scheduler
@@ -44,6 +45,8 @@ TENSOR_KEYS = (
     "feature_lengths",
     "audio_embeds",
     "audio_lengths",
+    "waveforms",
+    "waveform_lengths",
 )
 
 
@@ -157,6 +160,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     )
     ds = build_ds_config(ds_config, cfg, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops_shape = ModelShape.from_model(model)  # before ZeRO-3 partitions the weights away
     import deepspeed  # after the cheap checks: importing it costs seconds
 
     engine, _, _, _ = deepspeed.initialize(
@@ -189,7 +193,9 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         )
         (run_dir / "config.yaml").write_text(_yaml(cfg))
     timer, began, losses = StepTimer(), time.time(), {}
-    batches = iter(loader)
+    batches = with_flops(iter(loader), flops_shape)  # analytic FLOPs of each padded batch
+    interval_flops = 0.0
+    audio_frames: Counter = Counter()  # valid and padded audio frames since the last log
 
     def save(step: int) -> None:
         client = {"step": step, "bad_in_row": bad_in_row, "config": cfg.to_dict()}
@@ -251,8 +257,17 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 "check the data (loader problem counts are in the log), or use bf16/fp32"
             )
         losses[step] = result.loss
+        interval_flops += result.counts.get("flops", 0.0)
+        audio_frames.update(
+            {k: result.counts.get(k, 0) for k in ("audio_frames", "audio_frames_padded")}
+        )
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             skew = step_time_skew(step_s)  # a collective: same steps on every rank
+            # This rank's FLOPs over the wall time of the same steps (read before rates() resets).
+            achieved = flops_rates(interval_flops, timer.counts.step_s, cfg.train.peak_tflops)
+            interval_flops = 0.0
+            frames, audio_frames = audio_frames, Counter()
+            padded = frames["audio_frames_padded"] - frames["audio_frames"]
             metrics = {
                 "train/loss": result.loss,
                 "train/lr": engine.get_lr()[0],
@@ -260,6 +275,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 "train/bad_steps_in_row": bad_in_row,
                 "train/epoch": loader.epoch,
                 **{f"perf/{k}": v for k, v in timer.rates().items()},
+                **{f"perf/{k}": v for k, v in achieved.items()},
+                "perf/audio_padding_ratio": padded / max(frames["audio_frames_padded"], 1),
                 **{f"perf/{k}": v for k, v in skew.items()},
                 **{f"data/{k}": v for k, v in loader.problems.items()},
                 **_memory(),

@@ -74,3 +74,20 @@ def test_flac_encoding_clips_instead_of_wrapping():
 def test_decode_flac_rejects_garbage_with_its_name():
     with pytest.raises(AudioDecodeError, match="shard-000001.tar:k.flac"):
         decode_flac(b"garbage", "shard-000001.tar:k.flac")
+
+
+def test_pcm16_decoding_is_the_float_decoding_times_32768():
+    """What features_on=device workers send: exactly the 16-bit samples behind the float32."""
+    audio = np.random.default_rng(1).uniform(-0.9, 0.9, 4321).astype(np.float32)
+    data = encode_flac(audio)
+    pcm = decode_flac(data, pcm16=True)
+    assert pcm.dtype == np.int16 and pcm.shape == audio.shape
+    np.testing.assert_array_equal(pcm.astype(np.float32) / 32768, decode_flac(data))
+    # other sources are converted to 16 kHz mono first, then rounded to 16 bits
+    buffer = io.BytesIO()
+    stereo = np.stack([_tone(0.5, 22050), _tone(0.5, 22050)], axis=1)
+    sf.write(buffer, stereo, 22050, format="FLAC", subtype="PCM_24")
+    pcm = decode_flac(buffer.getvalue(), pcm16=True)
+    assert pcm.dtype == np.int16 and len(pcm) == 8000
+    expected = decode_flac(buffer.getvalue()) * 32768
+    np.testing.assert_allclose(pcm, expected, atol=0.5)

@@ -259,6 +259,38 @@ def test_shards_from_another_encoder_are_refused(shard_dirs, model_config, tmp_p
         )
 
 
+def test_varlen_encoder_shards_train_like_the_live_varlen_encoder(
+    shard_dirs, model_config, tmp_path
+):
+    """Shards packed with --varlen-encoder carry what model.varlen_encoder=true computes live, and
+    a run whose setting differs from the shards' is refused with the fix."""
+    import dataclasses
+
+    manifest = _corpus(tmp_path)
+    options = PackOptions(
+        out=tmp_path / "varlen",
+        mode="encoder",
+        max_samples=5,
+        encoder=Path(model_config.encoder),
+        varlen_encoder=True,
+        quiet=True,
+    )
+    index = pack([manifest], options)
+    assert index["encoder"]["varlen"] is True
+    varlen = build_audio_llm(dataclasses.replace(model_config, varlen_encoder=True))
+    cfg = DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4)
+    losses = {}
+    for name, folder in (("live", shard_dirs["audio"]), ("packed", tmp_path / "varlen")):
+        batch = next(iter(build_loader(cfg, varlen, spec=str(folder))))
+        batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        losses[name] = varlen(**batch).loss.item()
+    assert losses["packed"] == pytest.approx(losses["live"], rel=2e-2)
+    with pytest.raises(AudioLLMError, match="model.varlen_encoder"):
+        build_loader(cfg, varlen, spec=str(shard_dirs["encoder"]))
+    with pytest.raises(AudioLLMError, match="model.varlen_encoder"):
+        build_loader(cfg, build_audio_llm(model_config), spec=str(tmp_path / "varlen"))
+
+
 def test_over_long_samples_are_refused_and_counted(shard_dirs, model):
     cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=1, max_length=140)
     loader = build_loader(cfg, model, spec=str(shard_dirs["encoder"]))
@@ -281,3 +313,66 @@ def test_url_specs_need_an_index(shard_dirs, tmp_path):
     assert piped.shards[0].name == names[0]
     with pytest.raises(AudioLLMError, match="no index.json"):
         ShardSet.open(str(tmp_path))
+
+
+def test_features_on_device_loader_yields_int16_waveforms_and_the_same_loss(shard_dirs, model):
+    """features_on=device: workers send int16 waveforms; the model's own log-mel of them equals
+    the loader's features, so the loss is the same batch for batch."""
+    batches = {}
+    for where in ("loader", "device"):
+        cfg = DataConfig(batch_size=3, num_workers=1, shuffle_buffer=4, features_on=where)
+        batches[where] = next(iter(build_loader(cfg, model, spec=str(shard_dirs["audio"]))))
+    live, wave = batches["loader"], batches["device"]
+    assert wave["waveforms"].dtype == torch.int16 and "input_features" not in wave
+    assert wave["keys"] == live["keys"] and wave["stats"] == live["stats"]
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(wave[key], live[key])
+    assert torch.equal(wave["waveform_lengths"] // 160, live["feature_lengths"])
+    features, frames = model.log_mel(wave["waveforms"], wave["waveform_lengths"])
+    assert torch.equal(frames, live["feature_lengths"])
+    # same clip, same code, int16 / 32768 == soundfile's float32: identical on a CPU
+    torch.testing.assert_close(features, live["input_features"], atol=1e-6, rtol=0)
+    model.eval()
+    losses = {
+        where: model(**{k: v for k, v in b.items() if isinstance(v, torch.Tensor)}).loss.item()
+        for where, b in batches.items()
+    }
+    assert losses["device"] == pytest.approx(losses["loader"], rel=1e-6)
+    # precomputed shards have no log-mel left to move: the option leaves them as they are
+    cfg = DataConfig(batch_size=3, num_workers=0, features_on="device")
+    mel = next(iter(build_loader(cfg, model, spec=str(shard_dirs["mel"]))))
+    assert "input_features" in mel and "waveforms" not in mel
+
+
+def test_device_log_mel_forward_and_generate_on_odd_lengths(model):
+    """0.3, 7.77 and 29.99 s clips in one batch, through FLAC as in shards: the same loss and the
+    same generated ids from waveforms (device) as from the collator's log-mel (loader)."""
+    from audio_llm.audio import decode_flac, encode_flac
+    from audio_llm.data.collate import AudioSample, frames_of, model_collator
+
+    rng = np.random.default_rng(7)
+    flacs = [encode_flac(0.2 * rng.standard_normal(round(s * 16000))) for s in (0.3, 7.77, 29.99)]
+    texts = ["one two", "three four five", "six"]
+    outputs = {}
+    for where in ("loader", "device"):
+        collator = model_collator(model, "audio", 10**9, where)
+        samples = []
+        for i, (data, text) in enumerate(zip(flacs, texts, strict=True)):
+            audio = decode_flac(data, pcm16=collator.pcm16)
+            meta = {"text": text, "num_samples": len(audio)}
+            example = collator.encode(meta, frames_of(meta, "audio"))
+            samples.append(AudioSample(f"k{i}", text, None, len(audio) / 16000, example, audio))
+        train, prompts = collator(samples), collator.prompt_batch(samples)
+        if where == "device":
+            assert train["waveforms"].dtype == prompts["waveforms"].dtype == torch.int16
+            assert train["waveform_lengths"].tolist() == [4800, 124320, 479840]
+        model.eval()
+        tensors = {k: v for k, v in train.items() if isinstance(v, torch.Tensor)}
+        loss = model(**tensors).loss.item()
+        tensors = {k: v for k, v in prompts.items() if isinstance(v, torch.Tensor)}
+        audio = {k: v for k, v in tensors.items() if k not in ("input_ids", "attention_mask")}
+        projected, _ = model.project_audio(**audio)  # what generate() embeds
+        outputs[where] = (loss, projected, model.generate(**tensors, max_new_tokens=4))
+    assert outputs["device"][0] == pytest.approx(outputs["loader"][0], rel=1e-6)
+    torch.testing.assert_close(outputs["device"][1], outputs["loader"][1], atol=1e-6, rtol=0)
+    assert outputs["device"][2] == outputs["loader"][2]

@@ -70,3 +70,43 @@ def test_stays_frozen_in_train_mode(tiny_models):
     encoder = AudioEncoder(load_whisper_encoder(tiny_models["whisper"]))
     encoder.train()
     assert not encoder.training and not encoder.whisper.training
+
+
+def test_varlen_on_a_full_30s_clip_equals_the_stock_encoder(tiny_models):
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_models["whisper"])
+    whisper = load_whisper_encoder(tiny_models["whisper"])
+    full = torch.tensor(fe([_speech_like(30.0, 2)], sampling_rate=16000).input_features)
+    hidden, out_lengths = AudioEncoder(whisper, varlen=True)(full, torch.tensor([3000]))
+    assert out_lengths.tolist() == [1500]
+    torch.testing.assert_close(hidden, whisper(full).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_clip_in_a_batch_equals_the_clip_alone(tiny_models):
+    """Padding (any values) beyond a clip changes nothing: masked in attention, zeroed between
+    the convolutions, so batching does not change a clip's encoding."""
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_models["whisper"])
+    encoder = AudioEncoder(load_whisper_encoder(tiny_models["whisper"]), varlen=True)
+    clips = [_speech_like(2.37, 3), _speech_like(7.1, 4), _speech_like(0.05, 5)]
+    lengths = [mel_frames(len(c)) for c in clips]
+    mels = [
+        torch.tensor(fe([c], sampling_rate=16000).input_features[0, :, :n])
+        for c, n in zip(clips, lengths, strict=True)
+    ]
+    batch = torch.full((3, 80, max(lengths)), 7.0)  # junk padding
+    for row, mel in enumerate(mels):
+        batch[row, :, : mel.shape[1]] = mel
+    hidden, out_lengths = encoder(batch, torch.tensor(lengths))
+    assert hidden.shape[1] == encoder_frames(max(lengths))  # no 30 s window: cost follows length
+    for row, mel in enumerate(mels):
+        alone, n = encoder(mel[None], torch.tensor([mel.shape[1]]))
+        assert alone.shape[1] == int(n) == int(out_lengths[row])
+        torch.testing.assert_close(hidden[row, : int(n)], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_differs_from_padded_on_short_clips(tiny_models):
+    """The two settings are different functions for clips under 30 s (why a run keeps one)."""
+    whisper = load_whisper_encoder(tiny_models["whisper"])
+    mel = torch.randn(1, 80, 500)
+    a, _ = AudioEncoder(whisper)(mel, torch.tensor([500]))
+    b, _ = AudioEncoder(whisper, varlen=True)(mel, torch.tensor([500]))
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)

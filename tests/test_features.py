@@ -4,7 +4,14 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.features import feature_settings, log_mel, log_mel_batch
+from audio_llm.features import (
+    _filters,
+    _log_mel_rows,
+    feature_settings,
+    log_mel,
+    log_mel_batch,
+    pcm_to_float,
+)
 
 
 def _signal(seconds: float, seed: int) -> np.ndarray:
@@ -79,3 +86,56 @@ def test_feature_settings_record_and_check_the_extractor(extractor):
     }
     with pytest.raises(AudioLLMError, match="hop_length=200"):
         feature_settings(WhisperFeatureExtractor(hop_length=200))
+
+
+ODD_SECONDS = [0.3, 7.77, 29.99]  # 30, 777 and 2,999 frames: none a round size
+
+
+def _pcm_batch(seconds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded int16 PCM `[B, S]` (what a shard's 16-bit FLAC holds) and lengths."""
+    clips = [np.round(_signal(s, seed=i) * 32767).astype(np.int16) for i, s in enumerate(seconds)]
+    lengths = torch.tensor([len(c) for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()), dtype=torch.int16)
+    for row, clip in enumerate(clips):
+        batch[row, : len(clip)] = torch.from_numpy(clip)
+    return batch, lengths
+
+
+def test_int16_pcm_gives_exactly_the_features_of_its_float_reading(extractor):
+    """features_on=device sends int16; the loader path reads the same FLAC as float32."""
+    pcm, lengths = _pcm_batch(ODD_SECONDS)
+    as_read = pcm.float() / 32768  # soundfile's float32 reading of 16-bit audio
+    from_pcm, frames = log_mel_batch(pcm, lengths, extractor.mel_filters)
+    from_float, same_frames = log_mel_batch(as_read, lengths, extractor.mel_filters)
+    assert torch.equal(from_pcm, from_float) and torch.equal(frames, same_frames)
+    assert torch.equal(pcm_to_float(pcm), as_read)
+    torch.testing.assert_close(
+        log_mel(pcm[0, : lengths[0]].numpy(), extractor.mel_filters),
+        from_float[0, :, : frames[0]],
+        atol=0,
+        rtol=0,
+    )
+    with pytest.raises(AudioLLMError, match="float or int16"):
+        log_mel_batch(pcm.int(), lengths, extractor.mel_filters)
+
+
+def test_batched_device_path_matches_rows_and_whisper_on_odd_lengths(extractor):
+    """A GPU runs one STFT over the padded batch (`_log_mel_rows`), the CPU one clip at a time:
+    run the batched path here on 0.3, 7.77 and 29.99 s clips in one batch and compare both."""
+    pcm, lengths = _pcm_batch(ODD_SECONDS)
+    waveforms = pcm_to_float(pcm)
+    frames = waveforms.shape[1] // 160
+    batched = _log_mel_rows(waveforms, lengths, _filters(extractor.mel_filters, "cpu"), frames)
+    per_row, valid = log_mel_batch(pcm, lengths, extractor.mel_filters)
+    assert batched.shape == per_row.shape == (3, 80, frames)
+    assert valid.tolist() == [30, 777, 2999]
+    # Equal here (1e-7 from Whisper's own); 1e-4 leaves room for other FFTs (cuFFT) to round
+    # differently, on values that span about [-1.5, 1.5].
+    torch.testing.assert_close(batched, per_row, atol=1e-4, rtol=0)
+    for row, n in enumerate(valid.tolist()):
+        clip = waveforms[row, : lengths[row]].numpy()
+        stock = extractor(
+            clip, sampling_rate=16000, padding="do_not_pad", return_tensors="np"
+        ).input_features[0]
+        assert stock.shape == (80, n)
+        np.testing.assert_allclose(batched[row, :, :n].numpy(), stock, atol=1e-4, rtol=0)

@@ -3,6 +3,10 @@
 Token layout and label masking come from `PromptBuilder`; this module sizes the audio span from
 each sample's frame count, refuses samples that would not fit `max_length` (counted, never a
 crashed step), and pads audio and text into the tensors `AudioLLM.forward` takes.
+
+Audio (live) shards give log-mel computed here, in the loader worker (`features_on="loader"`), or
+the padded int16 waveforms, for `AudioLLM` to compute the same log-mel batched on its own device
+(`features_on="device"`): then a worker only reads, decodes FLAC and tokenises.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from audio_llm.text import IGNORE_INDEX, Example, PromptBuilder
 
 @dataclass
 class AudioSample:
-    """One decoded sample: exactly one of `audio` (16 kHz), `mel` [n_mels, T], `enc` [F, d]."""
+    """One decoded sample: exactly one of `audio` (16 kHz, float32 or int16 PCM), `mel`
+    [n_mels, T], `enc` [F, d]."""
 
     key: str
     text: str
@@ -48,9 +53,16 @@ class Collator:
         stack_factor: int,
         max_length: int,
         mel_filters: np.ndarray | None = None,
+        features_on: str = "loader",
     ) -> None:
-        if mode == "audio" and mel_filters is None:
-            raise ValueError("audio mode computes log-mel live and needs mel_filters")
+        if features_on not in ("loader", "device"):
+            raise ValueError(f"features_on must be 'loader' or 'device', got {features_on!r}")
+        # Waveform batches, for log-mel on the device, travel as int16 PCM: exact for the 16-bit
+        # FLAC in shards, and half the bytes of float32 to send from a worker to the trainer.
+        # Precomputed (mel, encoder) payloads have no log-mel left to place: they ignore it.
+        self.pcm16 = mode == "audio" and features_on == "device"
+        if mode == "audio" and not self.pcm16 and mel_filters is None:
+            raise ValueError("audio mode computes log-mel in the loader and needs mel_filters")
         self.prompts = prompts
         self.mode = mode
         self.stack_factor = stack_factor
@@ -98,6 +110,9 @@ class Collator:
         elif self.mode == "mel":
             batch["input_features"] = _pad([s.mel for s in samples])
             batch["feature_lengths"] = torch.tensor([s.mel.shape[1] for s in samples])
+        elif self.pcm16:
+            batch["waveforms"] = _pad(_one_dtype([s.audio for s in samples]))
+            batch["waveform_lengths"] = torch.tensor([len(s.audio) for s in samples])
         else:
             from audio_llm.features import log_mel_batch
 
@@ -113,6 +128,8 @@ class Collator:
             "tokens": int(mask.sum()),
             "positions": ids.numel(),
             "audio_positions": audio_positions,
+            "audio_frames": sum(map(_frames, samples)),  # mel frames (encoder frames: enc)
+            "audio_frames_padded": len(samples) * max(map(_frames, samples)),
         }
         batch["keys"] = [s.key for s in samples]
         batch["texts"] = [s.text for s in samples]
@@ -141,6 +158,13 @@ def _pad_ids(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tens
     return torch.from_numpy(out)
 
 
+def _one_dtype(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """The clips as they are when all are int16 PCM; otherwise all as float32 (int16 / 32768)."""
+    if all(c.dtype == np.int16 for c in clips):
+        return clips
+    return [c.astype(np.float32) * (1 / 32768) if c.dtype == np.int16 else c for c in clips]
+
+
 def _pad(arrays: list[np.ndarray]) -> torch.Tensor:
     """Zero-padded stack `[B, *largest shape]` of arrays of one dtype, in that dtype."""
     shape = np.max([a.shape for a in arrays], axis=0)
@@ -150,7 +174,7 @@ def _pad(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def model_collator(model, mode: str, max_length: int) -> Collator:
+def model_collator(model, mode: str, max_length: int, features_on: str = "loader") -> Collator:
     """The collator for `model` and a shard mode (live log-mel uses the model's mel filters)."""
     return Collator(
         model.prompts,
@@ -158,4 +182,5 @@ def model_collator(model, mode: str, max_length: int) -> Collator:
         model.projector.stack,
         max_length,
         mel_filters=model.feature_extractor.mel_filters if mode == "audio" else None,
+        features_on=features_on,
     )

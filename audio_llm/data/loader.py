@@ -23,10 +23,18 @@ def check_compatible(shards: ShardSet, model) -> None:
             )
     elif shards.mode == "encoder":
         packed = index.get("encoder") or {}
-        ours = encoder_identity(model.encoder.whisper, model.encoder.whisper.config.name_or_path)
+        whisper = model.encoder.whisper
+        ours = encoder_identity(whisper, whisper.config.name_or_path, model.encoder.varlen)
+        packed = {"varlen": False, **packed}  # shards from before the option ran padded
         keys = [k for k in ours if k != "name_or_path" and k in packed]
         diff = {k: (packed[k], ours[k]) for k in keys if packed[k] != ours[k]}
         if diff or not keys:
+            if set(diff) == {"varlen"}:
+                raise AudioLLMError(
+                    f"{shards.source}: encoder-output shards were packed with varlen="
+                    f"{packed['varlen']} but model.varlen_encoder is {ours['varlen']}; set "
+                    "model.varlen_encoder to match, or repack (pack --varlen-encoder)"
+                )
             raise AudioLLMError(
                 f"{shards.source}: encoder-output shards were made by another encoder "
                 f"({packed.get('name_or_path')!r}; differing: {diff or 'no identity recorded'}) "
@@ -47,7 +55,7 @@ def build_loader(
     """Open `spec` (packed folder, or URLs + `index`), check it against `model`, build a loader."""
     shards = ShardSet.open(spec, index)
     check_compatible(shards, model)
-    collator = model_collator(model, shards.mode, cfg.max_length)
+    collator = model_collator(model, shards.mode, cfg.max_length, cfg.features_on)
     stream = ShardStream(
         shards,
         collator,
@@ -58,5 +66,7 @@ def build_loader(
         seed=cfg.seed + seed_offset,
         shuffle_buffer=cfg.shuffle_buffer,
         long_audio=cfg.long_audio,
+        bucket_by_length=cfg.bucket_by_length,
+        max_batch_seconds=cfg.max_batch_seconds,
     )
     return ShardLoader(stream)

@@ -5,11 +5,16 @@ shuffled by (seed, epoch) and dealt to (rank, worker) slots round-robin. Each wo
 batch quota so that every rank yields the same number of batches per epoch; the few samples that
 do not fit (the remainder) are dropped and reported. Unequal counts would leave the ranks with more
 data waiting forever in a collective at the end of the epoch.
+
+With a token budget (`max_batch_seconds`) a slot's quota is `data.bucket.estimate_batches` of its
+shards (a generous estimate from samples and seconds); the stream splits batches to meet it and
+counts what a quota cannot hold (`audio_llm.data.stream`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from audio_llm.data.bucket import estimate_batches
 from audio_llm.errors import AudioLLMError
 
 INDEX_NAME = "index.json"
@@ -140,8 +146,15 @@ class EpochPlan:
     quotas: dict[tuple[int, int], int]
     batches_per_rank: int
     dropped: dict[int, int] = field(default_factory=dict)  # rank -> samples left out
+    max_batch_seconds: float = 0.0
 
     def describe(self, rank: int) -> str:
+        if self.max_batch_seconds > 0:
+            return (
+                f"epoch {self.epoch}: {self.batches_per_rank} batches per rank of at most "
+                f"{self.max_batch_seconds:g} s of padded audio; samples beyond a worker's quota "
+                "are counted as left_out_over_quota"
+            )
         return (
             f"epoch {self.epoch}: {self.batches_per_rank} batches per rank; rank {rank} leaves "
             f"out {self.dropped.get(rank, 0)} sample(s) so every rank has the same count"
@@ -155,6 +168,7 @@ def plan_epoch(
     batch_size: int,
     seed: int,
     epoch: int,
+    max_batch_seconds: float = 0.0,
 ) -> EpochPlan:
     """Deal shards to (rank, worker) slots and give each slot a batch quota (see module doc)."""
     workers = max(num_workers, 1)
@@ -173,7 +187,7 @@ def plan_epoch(
     for i, shard in enumerate(order):
         assignments[(i % world_size, (i // world_size) % workers)].append(shard)
 
-    full = {slot: sum(s.samples for s in sl) // batch_size for slot, sl in assignments.items()}
+    full = {slot: _batches(sl, batch_size, max_batch_seconds) for slot, sl in assignments.items()}
     per_rank = min(sum(full[(r, w)] for w in range(workers)) for r in range(world_size))
     if per_rank == 0:
         raise AudioLLMError(
@@ -189,5 +203,20 @@ def plan_epoch(
             quotas[(r, w)] -= 1
             excess -= 1
         samples = sum(s.samples for w in range(workers) for s in assignments[(r, w)])
-        dropped[r] = samples - per_rank * batch_size
-    return EpochPlan(epoch, assignments, quotas, per_rank, dropped)
+        # with a budget, batch sizes vary: the stream counts what it leaves out instead
+        dropped[r] = 0 if max_batch_seconds > 0 else samples - per_rank * batch_size
+    return EpochPlan(epoch, assignments, quotas, per_rank, dropped, max_batch_seconds)
+
+
+def _batches(shards: list[ShardInfo], batch_size: int, max_batch_seconds: float) -> int:
+    """Batches a slot can fill: its full batches, or with a budget the estimate (<= its samples)."""
+    samples = sum(s.samples for s in shards)
+    if max_batch_seconds <= 0:
+        return samples // batch_size
+    estimate = sum(
+        estimate_batches(
+            s.samples, s.seconds, batch_size=batch_size, max_batch_seconds=max_batch_seconds
+        )
+        for s in shards
+    )
+    return min(samples, math.ceil(estimate))

@@ -7,6 +7,28 @@ Stages, per (rank, worker), all seeded from (seed, epoch, rank, worker):
 Payloads are decoded only for batches that are yielded, so resuming skips the batches already
 consumed by replaying the cheap stages without decoding audio.
 
+Length bucketing (`bucket_by_length`) replaces the shuffle buffer and the batching: the same
+buffer (`shuffle_buffer` samples, so memory does not grow) is sorted and cut by
+`data.bucket.bucket_batches`. The sort key joins the sample's audio frames and its LLM length
+(audio positions + prompt + transcript), both known from the json before decoding: sorting by
+the LLM length alone left ~7% of encoder frames padded at stack 8, by seconds alone ~7% of LLM
+positions; the joint key keeps both near 4%. A budget (`max_batch_seconds`) caps batch size x
+longest clip in seconds of audio.
+
+Lockstep. Every rank must run the same number of steps per epoch, and a restart must replay the
+same batches, so the quota stays a number of batches per (rank, worker) computed from the index
+alone on every rank (`plan_epoch`):
+- fixed batches, bucketed or not: `samples // batch_size`, as before; bucketed batches are full
+  (the buffer holds a short one back until the pass ends), the remainder is left out as before;
+- a budget: `estimate_batches` of the slot's shards, generous on purpose (0-30% above the natural
+  count on the mixes tried). The bucketing splits batches to keep pace, so a worker's first pass
+  comes out as exactly its quota. Were the natural cut to need more batches (an estimate too low,
+  or a quota trimmed so ranks match), the pass is read to its end once the quota is met and the
+  samples it could not hold are counted as `left_out_over_quota`; they are read again next epoch.
+In both modes a worker whose pass runs dry (skipped samples) fills its quota from the next pass,
+counted as `repeated_to_fill_quota`. Batches depend only on (seed, epoch, rank, worker), never on
+timing or on what other workers do, so the saved position below stays exact.
+
 The position is (epoch, batches consumed per worker), kept by `ShardLoader` in the main process
 from what the trainer actually received; a resumed run continues with the next unseen batch.
 """
@@ -15,21 +37,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from audio_llm.data.bucket import bucket_batches
 from audio_llm.data.collate import AudioSample, Collator, frames_of
 from audio_llm.data.shards import PAYLOADS, EpochPlan, ShardInfo, ShardSet, plan_epoch
-from audio_llm.encoder import ENCODER_DOWNSAMPLE, HOP_LENGTH, MEL_FRAMES_PER_WINDOW
+from audio_llm.encoder import ENCODER_DOWNSAMPLE, HOP_LENGTH, MEL_FRAMES_PER_WINDOW, SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
 
 log = logging.getLogger("audio_llm.data")
@@ -43,10 +67,10 @@ class _Problems:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
 
-    def __call__(self, reason: str, where: str, detail: str = "") -> None:
-        self.counts[reason] += 1
+    def __call__(self, reason: str, where: str, detail: str = "", count: int = 1) -> None:
+        self.counts[reason] += count
         n = self.counts[reason]
-        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+        if n - count < LOG_FIRST or n // LOG_EVERY > (n - count) // LOG_EVERY:
             log.warning("%s: %s%s (%d so far)", reason, where, f": {detail}" if detail else "", n)
 
 
@@ -144,8 +168,12 @@ def parse_sample(
     return meta, frames
 
 
-def decode_sample(raw: dict, meta: dict, frames: int, mode: str, example=None) -> AudioSample:
-    """Decode the payload explicitly by mode (FLAC or `.npy` without pickle) and check its size."""
+def decode_sample(
+    raw: dict, meta: dict, frames: int, mode: str, example=None, pcm16: bool = False
+) -> AudioSample:
+    """Decode the payload explicitly by mode (FLAC or `.npy` without pickle) and check its size.
+
+    `pcm16`: audio as int16 PCM, not float32 (see `Collator.pcm16`)."""
     data = raw[PAYLOADS[mode]]
     sample = AudioSample(
         key=raw["__key__"],
@@ -157,7 +185,8 @@ def decode_sample(raw: dict, meta: dict, frames: int, mode: str, example=None) -
     if mode == "audio":
         from audio_llm.audio import decode_flac
 
-        sample.audio = decode_flac(data, raw["__key__"])[: frames * HOP_LENGTH + HOP_LENGTH - 1]
+        audio = decode_flac(data, raw["__key__"], pcm16)
+        sample.audio = audio[: frames * HOP_LENGTH + HOP_LENGTH - 1]
         if len(sample.audio) // HOP_LENGTH != frames:
             raise ValueError(f"{len(sample.audio)} samples, json says {frames} mel frames")
         return sample
@@ -190,9 +219,16 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         long_audio: str = "skip",
+        bucket_by_length: bool = False,
+        max_batch_seconds: float = 0.0,
     ) -> None:
         if collator.mode != shards.mode:
             raise AudioLLMError(f"collator mode {collator.mode} != shard mode {shards.mode}")
+        if max_batch_seconds > 0 and not bucket_by_length:
+            raise AudioLLMError(
+                "data.max_batch_seconds cuts batches from the length-sorted buffer: "
+                "set data.bucket_by_length=true too"
+            )
         self.shards = shards
         self.collator = collator
         self.batch_size = batch_size
@@ -201,6 +237,12 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = max(shuffle_buffer, 1)
         self.long_audio = long_audio
+        self.bucket_by_length = bucket_by_length
+        self.max_batch_seconds = max(max_batch_seconds, 0.0)
+        # seconds of audio per valid frame: encoder frames are 2 mel frames
+        self.frame_seconds = (
+            HOP_LENGTH / SAMPLE_RATE * (ENCODER_DOWNSAMPLE if shards.mode == "encoder" else 1)
+        )
         self.epoch = 0
         self.consumed: list[int] = [0] * max(num_workers, 1)
         self.plan(0)  # fail now, not in a worker: too few shards, too little data
@@ -213,6 +255,7 @@ class ShardStream(IterableDataset):
             self.batch_size,
             self.seed,
             epoch,
+            self.max_batch_seconds,
         )
 
     def set_position(self, epoch: int, consumed: list[int]) -> None:
@@ -256,6 +299,50 @@ class ShardStream(IterableDataset):
             yield from self._shuffled(self._pass(shards, worker, pass_no, problems), rng)
             pass_no += 1
 
+    def _batches(
+        self, shards: list[ShardInfo], worker: int, quota: int, problems: _Problems
+    ) -> Iterator[list]:
+        """Exactly `quota` batches of (raw, meta, frames) for this worker's epoch."""
+        if quota <= 0:
+            return
+        if not self.bucket_by_length:
+            items = self._items(shards, worker, problems)
+            for _ in range(quota):
+                yield [next(items) for _ in range(self.batch_size)]
+            return
+        rng = random.Random(f"bucket:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        expected = sum(s.samples for s in shards)
+        sent = 0
+        for pass_no in itertools.count():
+            read = _Counted(self._pass(shards, worker, pass_no, problems))
+            batches = bucket_batches(
+                read,
+                lambda item: item[2] * self.frame_seconds,
+                # audio frames and LLM positions, each against its buffer mean: both paddings
+                # cost compute (the encoder's once it runs varlen), so neither is left to chance
+                sort_key=lambda item: (item[2], len(item[1]["_example"].input_ids)),
+                batch_size=self.batch_size,
+                max_batch_length=self.max_batch_seconds,
+                buffer_size=self.shuffle_buffer,
+                rng=rng,
+                quota=quota if pass_no == 0 and self.max_batch_seconds > 0 else 0,
+                expected_items=expected,
+            )
+            used = 0
+            for batch in batches:
+                sent += 1
+                used += len(batch)
+                if sent == quota:
+                    if pass_no == 0 and self.max_batch_seconds > 0:
+                        left = read.drain() - used
+                        if left:
+                            where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
+                            detail = f"{left} sample(s) beyond the quota of {quota} batches"
+                            problems("left_out_over_quota", where, detail, count=left)
+                    yield batch
+                    return
+                yield batch
+
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
         buffer: list = []
         for item in items:
@@ -274,7 +361,10 @@ class ShardStream(IterableDataset):
         decoded: list[AudioSample | None] = []
         for raw, meta, frames in batch:
             try:
-                decoded.append(decode_sample(raw, meta, frames, self.shards.mode, meta["_example"]))
+                sample = decode_sample(
+                    raw, meta, frames, self.shards.mode, meta["_example"], self.collator.pcm16
+                )
+                decoded.append(sample)
             except Exception as exc:  # any payload problem: count, name, replace
                 problems("undecodable", f"{raw['__url__']}:{raw['__key__']}", repr(exc))
                 decoded.append(None)
@@ -293,11 +383,10 @@ class ShardStream(IterableDataset):
         if worker == 0 and self.rank == 0 and skip == 0:
             log.info(plan.describe(self.rank))
         problems = _Problems()
-        items = self._items(plan.assignments[slot], worker, problems)
+        batches = self._batches(plan.assignments[slot], worker, quota, problems)
         reported: Counter = Counter()
         last_good: list = []
-        for index in range(quota):
-            batch = [next(items) for _ in range(self.batch_size)]
+        for index, batch in enumerate(batches):
             for raw, meta, _ in batch:
                 if meta["_pass"]:
                     problems("repeated_to_fill_quota", f"{raw['__url__']}:{raw['__key__']}")
@@ -314,6 +403,22 @@ class ShardStream(IterableDataset):
                 "problems": dict(delta),
             }
             yield out
+
+
+class _Counted:
+    """Passes items through, counting them; `drain()` reads the rest and returns the total."""
+
+    def __init__(self, items: Iterable) -> None:
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self) -> Iterator:
+        for item in self.items:
+            self.count += 1
+            yield item
+
+    def drain(self) -> int:
+        self.count += sum(1 for _ in self.items)
+        return self.count
 
 
 def _worker_init(_: int) -> None:

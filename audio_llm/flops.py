@@ -1,0 +1,361 @@
+"""Analytic training FLOPs of the AudioLLM from its configs: MFU logging, `plan`, benchmarks.
+
+Conventions (the same as torch's `FlopCounterMode`, so a measured count checks these formulas):
+
+- 2 FLOPs per multiply-accumulate. Only matrix products count: linear layers, Whisper's two
+  convolutions, and attention's QK^T and AV. Norms, activations, softmax, RoPE, residual adds and
+  the loss are left out (well under 1% at real shapes).
+- Attention counts the full T x T score matrix (4 T^2 d per layer), which is what the math and
+  memory-efficient kernels execute under a padding mask; a causal flash kernel skips about half.
+  GQA shrinks the K/V projections, not the score FLOPs.
+- The lm_head is counted on every position: HF's forward computes logits for all positions in
+  training and the loss masks them afterwards.
+- Training = forward + backward. A matmul's backward costs 1x its forward for the input gradient
+  (whenever something below needs it) and 1x for the weight gradient (when the weight trains).
+  Frozen LLM weights: 2x (the gradient must reach the projector under them). Attention matmuls
+  and LoRA: 3x. The projector's first layer: 2x (its input, the frozen encoder's output, needs no
+  gradient); the mlp projector's second layer: 3x. The encoder runs without grad: 1x, and only in
+  steps that run it (not on precomputed encoder shards).
+- Model FLOPs, not hardware FLOPs: gradient checkpointing's recomputed forward is not counted, as
+  MFU defines it.
+
+Encoder modes: `padded` (the seed: every clip runs the full 30 s window, 1,500 frames) and
+`varlen` (valid frames only, 50 per second of audio, batches padded to their longest clip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+from audio_llm.errors import AudioLLMError
+
+if TYPE_CHECKING:  # annotations only: the formulas need neither torch nor transformers
+    from torch import nn
+    from transformers import PretrainedConfig, WhisperConfig
+
+ENCODER_MODES = ("padded", "varlen")
+ENCODER_FRAMES_PER_SECOND = 50  # 100 mel frames per second, conv2 stride 2
+# Modules the default `lora.target_regex` adapts in every LLM layer.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the FLOP formulas need, read from the Whisper and Qwen2-VL configs."""
+
+    n_mels: int
+    d_encoder: int
+    encoder_layers: int
+    encoder_ffn: int
+    encoder_max_frames: int  # 1,500: the 30 s window
+    d_llm: int
+    llm_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    stack: int = 1
+    projector: str = "linear"
+    projector_hidden: int = 0  # mlp hidden width; 0: d_llm
+    lora_params: int = 0  # all LoRA A and B weights: one MAC per weight per position
+    encoder_mode: str = "padded"
+
+    def __post_init__(self) -> None:
+        if self.encoder_mode not in ENCODER_MODES:
+            raise AudioLLMError(f"encoder mode must be one of {ENCODER_MODES}")
+        if self.projector not in ("linear", "mlp"):
+            raise AudioLLMError(f"projector must be 'linear' or 'mlp' (got {self.projector!r})")
+        if self.stack < 1:
+            raise AudioLLMError(f"stack factor must be >= 1 (got {self.stack})")
+
+    @classmethod
+    def from_configs(
+        cls,
+        whisper: WhisperConfig,
+        llm: PretrainedConfig,
+        *,
+        stack: int = 1,
+        projector: str = "linear",
+        projector_hidden: int = 0,
+        lora_rank: int = 0,
+        lora_targets: Sequence[str] = LORA_TARGETS,
+        encoder_mode: str = "padded",
+    ) -> ModelShape:
+        text = getattr(llm, "text_config", llm)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            n_mels=whisper.num_mel_bins,
+            d_encoder=whisper.d_model,
+            encoder_layers=whisper.encoder_layers,
+            encoder_ffn=whisper.encoder_ffn_dim,
+            encoder_max_frames=whisper.max_source_positions,
+            d_llm=text.hidden_size,
+            llm_layers=text.num_hidden_layers,
+            heads=text.num_attention_heads,
+            kv_heads=text.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate=text.intermediate_size,
+            vocab=text.vocab_size,
+            stack=stack,
+            projector=projector,
+            projector_hidden=projector_hidden,
+            lora_params=lora_params(llm, lora_rank, lora_targets),
+            encoder_mode=encoder_mode,
+        )
+
+    @classmethod
+    def from_model(cls, model: nn.Module, encoder_mode: str | None = None) -> ModelShape:
+        """The shape of a built AudioLLM (encoder mode: the encoder's own unless given); LoRA
+        weights are counted, not derived."""
+        if encoder_mode is None:
+            encoder_mode = "varlen" if getattr(model.encoder, "varlen", False) else "padded"
+        projector = model.projector
+        hidden = projector.net[0].out_features if projector.kind == "mlp" else 0
+        shape = cls.from_configs(
+            model.encoder.whisper.config,
+            model.llm.config,
+            stack=projector.stack,
+            projector=projector.kind,
+            projector_hidden=hidden,
+            encoder_mode=encoder_mode,
+        )
+        lora = sum(p.numel() for n, p in model.llm.named_parameters() if ".lora_" in n)
+        return replace(shape, lora_params=lora)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def lora_params(llm: PretrainedConfig, rank: int, targets: Sequence[str] = LORA_TARGETS) -> int:
+    """LoRA weights (A: r x in, B: out x r) on `targets` in every layer of a Qwen2(-VL) LLM."""
+    if rank <= 0:
+        return 0
+    text = getattr(llm, "text_config", llm)
+    h, inter = text.hidden_size, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    dims = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
+    unknown = sorted(set(targets) - set(dims))
+    if unknown:
+        raise AudioLLMError(f"no FLOP formula for LoRA targets {unknown}; known: {sorted(dims)}")
+    return text.num_hidden_layers * rank * sum(sum(dims[t]) for t in targets)
+
+
+# -- forward FLOPs of one row ------------------------------------------------------------------
+def encoder_forward(shape: ModelShape, frames: int, mel_frames: int | None = None) -> float:
+    """Whisper encoder forward over `frames` output frames (`mel_frames` in, default 2x)."""
+    mel = 2 * frames if mel_frames is None else mel_frames
+    d = shape.d_encoder
+    convs = 2 * mel * shape.n_mels * d * 3 + 2 * frames * d * d * 3  # kernel 3; conv2 stride 2
+    per_layer = 2 * frames * (4 * d * d + 2 * d * shape.encoder_ffn) + 4 * frames * frames * d
+    return float(convs + shape.encoder_layers * per_layer)
+
+
+def audio_positions(shape: ModelShape, frames: int) -> int:
+    """LLM positions the projector makes from `frames` encoder frames."""
+    return -(-frames // shape.stack)
+
+
+def projector_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
+    """(first layer, second layer) forward FLOPs of the projector over `frames` encoder frames."""
+    n, d_in = audio_positions(shape, frames), shape.d_encoder * shape.stack
+    if shape.projector == "linear":
+        return 2.0 * n * d_in * shape.d_llm, 0.0
+    hidden = shape.projector_hidden or shape.d_llm
+    return 2.0 * n * d_in * hidden, 2.0 * n * hidden * shape.d_llm
+
+
+@dataclass(frozen=True)
+class LLMForward:
+    """Forward FLOPs of the LLM over one row, split by how their backward costs."""
+
+    frozen: float  # base projections and lm_head: backward = input gradient only
+    attention: float  # QK^T and AV: gradients for both operands
+    lora: float
+
+    @property
+    def total(self) -> float:
+        return self.frozen + self.attention + self.lora
+
+
+def llm_forward(shape: ModelShape, positions: int) -> LLMForward:
+    """Qwen2 decoder over `positions` tokens: GQA attention, SwiGLU MLP, lm_head on all of them."""
+    t, h = positions, shape.d_llm
+    projections = h * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * h * shape.intermediate
+    frozen = 2.0 * t * (shape.llm_layers * projections + h * shape.vocab)
+    attention = 4.0 * t * t * shape.q_dim * shape.llm_layers
+    return LLMForward(frozen, attention, 2.0 * t * shape.lora_params)
+
+
+# -- training FLOPs ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flops:
+    """Training FLOPs (forward + backward) by component."""
+
+    encoder: float = 0.0
+    projector: float = 0.0
+    llm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encoder + self.projector + self.llm
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def scaled(self, factor: float) -> Flops:
+        return Flops(*(getattr(self, f.name) * factor for f in fields(self)))
+
+
+def training_flops(
+    shape: ModelShape,
+    frames: int,
+    positions: int,
+    rows: int = 1,
+    run_encoder: bool = True,
+    encoder_frames: int | None = None,
+    encoder_mel_frames: int | None = None,
+) -> Flops:
+    """Training FLOPs of `rows` rows of `frames` encoder frames and `positions` LLM positions.
+
+    The encoder executes `encoder_frames` per row (default: the full window in `padded` mode,
+    else `frames`) from `encoder_mel_frames` (default 2x); the projector runs on `frames` (the
+    encoder's output is cut to them).
+    """
+    encoder = 0.0
+    if run_encoder:
+        if encoder_frames is None:
+            padded = shape.encoder_mode == "padded"
+            encoder_frames = shape.encoder_max_frames if padded else frames
+        encoder = encoder_forward(shape, encoder_frames, encoder_mel_frames)
+    first, second = projector_forward(shape, frames)
+    projector = 2 * first + 3 * second
+    llm = llm_forward(shape, positions)
+    llm_total = 2 * llm.frozen + 3 * (llm.attention + llm.lora)
+    return Flops(encoder, projector, llm_total).scaled(rows)
+
+
+@dataclass(frozen=True)
+class BatchFlops:
+    """What a padded batch executes, what its samples alone would need, and the padding."""
+
+    executed: Flops
+    useful: Flops  # each sample at its own length: valid encoder frames, its own positions
+    encoder_frames_executed: int  # 0 when the encoder did not run
+    encoder_frames_valid: int
+    positions_executed: int
+    positions_valid: int
+
+    @property
+    def encoder_padded_fraction(self) -> float:
+        done = self.encoder_frames_executed
+        return 1.0 - self.encoder_frames_valid / done if done else 0.0
+
+    @property
+    def positions_padded_fraction(self) -> float:
+        done = self.positions_executed
+        return 1.0 - self.positions_valid / done if done else 0.0
+
+
+def padded_batch_flops(
+    shape: ModelShape,
+    frames: Sequence[int],
+    positions: Sequence[int],
+    run_encoder: bool = True,
+    width_frames: int | None = None,
+    width_positions: int | None = None,
+    mel_frames: Sequence[int] | None = None,
+) -> BatchFlops:
+    """A batch right-padded to `width_*` (default: its longest row) vs its rows alone.
+
+    `mel_frames` (valid log-mel frames per row, default 2x `frames`) sizes the varlen encoder's
+    first convolution exactly.
+    """
+    if not frames or len(frames) != len(positions):
+        raise AudioLLMError("a batch needs one frame count and one position count per row")
+    rows = len(frames)
+    mel = [2 * f for f in frames] if mel_frames is None else list(mel_frames)
+    width_f = max(frames) if width_frames is None else width_frames
+    width_t = max(positions) if width_positions is None else width_positions
+    if shape.encoder_mode == "padded":
+        enc_width, enc_mel = shape.encoder_max_frames, 2 * shape.encoder_max_frames
+    else:
+        enc_width, enc_mel = max(frames), max(mel)
+    executed = training_flops(shape, width_f, width_t, rows, run_encoder, enc_width, enc_mel)
+    useful = Flops()
+    for f, m, t in zip(frames, mel, positions, strict=True):
+        useful += training_flops(shape, f, t, 1, run_encoder, f, m)
+    return BatchFlops(
+        executed=executed,
+        useful=useful,
+        encoder_frames_executed=rows * enc_width if run_encoder else 0,
+        encoder_frames_valid=sum(frames) if run_encoder else 0,
+        positions_executed=rows * width_t,
+        positions_valid=sum(positions),
+    )
+
+
+def batch_flops(
+    shape: ModelShape, frames: Sequence[int], text_tokens: Sequence[int], run_encoder: bool = True
+) -> BatchFlops:
+    """A batch of clips (`frames` encoder frames each) with `text_tokens` non-audio positions
+    each (prompt, template and transcript), right-padded to its longest row."""
+    positions = [audio_positions(shape, f) + t for f, t in zip(frames, text_tokens, strict=True)]
+    return padded_batch_flops(shape, frames, positions, run_encoder)
+
+
+def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
+    """FLOPs of a collated training batch, read from its padded tensors (what the step runs).
+
+    The encoder counts only for batches that run it (log-mel or waveforms, not precomputed
+    encoder outputs); its output, and so the projector's input, is cut to the longest clip.
+    """
+    from audio_llm.encoder import HOP_LENGTH, encoder_frames
+
+    width_t = batch["input_ids"].shape[1]
+    positions = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+    if "audio_embeds" in batch:
+        frames = [int(n) for n in batch["audio_lengths"].tolist()]
+        return padded_batch_flops(
+            shape, frames, positions, False, int(batch["audio_embeds"].shape[1]), int(width_t)
+        )
+    if "waveforms" in batch:
+        mel = [int(n) // HOP_LENGTH for n in batch["waveform_lengths"].tolist()]
+    else:
+        mel = [int(n) for n in batch["feature_lengths"].tolist()]
+    frames = [int(encoder_frames(n)) for n in mel]
+    return padded_batch_flops(shape, frames, positions, True, None, int(width_t), mel)
+
+
+def flops_rates(flops: float, seconds: float, peak_tflops: float = 0.0) -> dict[str, float]:
+    """Achieved TFLOP/s per device over `seconds`, and MFU against `peak_tflops` when given."""
+    achieved = flops / seconds / 1e12 if seconds > 0 else 0.0
+    rates = {"tflops_per_device": achieved}
+    if peak_tflops > 0:
+        rates["mfu"] = achieved / peak_tflops
+    return rates
+
+
+def with_flops(batches: Iterator[dict], shape: ModelShape) -> Iterator[dict]:
+    """The batches, each with its executed training FLOPs added as `batch["stats"]["flops"]`."""
+    for batch in batches:
+        batch.setdefault("stats", {})["flops"] = batch_flops_from_tensors(
+            shape, batch
+        ).executed.total
+        yield batch

@@ -1,0 +1,519 @@
+"""`audio-llm plan`: memory per GPU, FLOPs per sample and time per epoch, before renting the GPUs.
+
+The models are built on the meta device from their configs (built-in names or checkpoint
+folders), so parameter counts are exact and nothing is downloaded or allocated.
+
+Memory per GPU, in bytes. P: all parameters, Pt: trainable ones (projector + LoRA), N: GPUs,
+w: bytes per weight (2 for bf16/fp16, 4 for float32), L: the largest layer (DeepSpeed's
+definition: most parameters owned by one module), Lt: the largest trainable layer. Mixed precision
+keeps fp32 master weights and fp32 gradients beside the 16-bit ones; AdamW adds m and v in fp32.
+
+    ZeRO   weights          gradients                 optimizer (fp32 master + m + v)
+    1      w P              w Pt + 4 Pt / N           12 Pt / N
+    2      w P              (w + 4) Pt / N            12 Pt / N
+    3      w P / N + w L    4 Pt / N + w Lt           12 Pt / N
+
+ZeRO-3 partitions every parameter, frozen ones included, and gathers one layer at a time (the
+`w L`, `w Lt` working buffers). `--offload` moves the optimizer (and with ZeRO-3 the parameters)
+to CPU memory as `ds_configs/zero3_offload.json` does: ZeRO-1/2 then keep w P (+ w Pt for ZeRO-1's
+unpartitioned gradients), ZeRO-3 only the w L + w Lt working buffers. With float32 weights there
+is no separate master copy or fp32 gradient (the 4 and 12 become 0 and 8). Communication buckets
+(`reduce_bucket_size`, about 0.4 GB each) and the CUDA context are not counted, as in DeepSpeed's
+estimator.
+
+With every parameter trainable (Pt = P, Lt = L) and w = 2, the ZeRO-2 line is DeepSpeed's
+`2 P + 18 P / N` and ZeRO-3's is its `18 P / N + 4 L`: `plan` prints that figure next to the
+value of `estimate_zero{2,3}_model_states_mem_needs` (which assumes every parameter trains) as a
+cross-check, and the LoRA-aware figure, which is what this recipe uses.
+
+Activations (w bytes per element unless stated, per micro-batch of B rows of T positions) are the
+tensors autograd keeps for backward, measured on the tiny model (`tests/test_plan.py`):
+
+- each LLM layer, per position: both RMSNorm inputs in fp32 (8 h bytes: Qwen2's norm upcasts);
+  q, k, v and the attention output (2 q_dim + 2 kv_dim); SwiGLU's gate, up and SiLU outputs
+  (3 I). Frozen projections keep no input: their backward needs only the weight.
+- LoRA with dropout: each adapted module keeps its dropped-out input and mask (2 x its input
+  width: 5 h + q_dim + I over the 7 default targets) and its rank-r A output.
+- gradient checkpointing: each layer keeps only its input (h), plus one layer's full set while
+  it is recomputed.
+- logits: w + 8 bytes per vocabulary entry and position (the logits, the loss's fp32 copy and
+  the fp32 log-probabilities it keeps), the largest single term at Qwen2's 152k vocabulary.
+- the frozen encoder runs without grad: one layer's working set (3 d + ffn per frame) at a time.
+
+FLOPs per sample come from `audio_llm.flops` for a sample of the mean length (batch padding not
+included: length-bucketed batches keep it under 5%). Time per epoch = epoch hours of audio /
+mean clip length x FLOPs per sample / (GPUs x peak x MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import warnings
+from dataclasses import dataclass
+
+from audio_llm.errors import AudioLLMError
+from audio_llm.flops import (
+    ENCODER_FRAMES_PER_SECOND,
+    ModelShape,
+    audio_positions,
+    training_flops,
+)
+
+GIB = 2**30
+H100_BF16_TFLOPS = 989.0  # dense, SXM
+_WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """One training setup to plan (the `audio-llm plan` options)."""
+
+    encoder: str = "whisper-large-v3"
+    llm: str = "qwen2-vl-7b"
+    gpus_per_node: int = 8
+    nodes: int = 1
+    zero: int = 2
+    offload: bool = False
+    lora_rank: int = 16
+    lora_dropout: float = 0.05
+    stack: int = 1
+    projector: str = "linear"
+    projector_hidden: int = 0
+    varlen: bool = False
+    precomputed_encoder: bool = False
+    batch: int = 8
+    audio_seconds: float = 12.7
+    text_tokens: int = 70
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    mfu: float = 0.4
+    peak_tflops: float = H100_BF16_TFLOPS
+    epoch_hours: float = 960.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.gpus_per_node >= 1, f"--gpus-per-node must be >= 1 (got {self.gpus_per_node})"),
+            (self.nodes >= 1, f"--nodes must be >= 1 (got {self.nodes})"),
+            (self.zero in (1, 2, 3), f"--zero must be 1, 2 or 3 (got {self.zero})"),
+            (self.lora_rank >= 0, f"--lora-rank must be >= 0 (got {self.lora_rank})"),
+            (0 <= self.lora_dropout < 1, "LoRA dropout must be in [0, 1)"),
+            (self.stack >= 1, f"--stack must be >= 1 (got {self.stack})"),
+            (self.projector in ("linear", "mlp"), "--projector must be linear or mlp"),
+            (self.projector_hidden >= 0, "--projector-hidden must be >= 0"),
+            (self.batch >= 1, f"--batch must be >= 1 (got {self.batch})"),
+            (
+                0 < self.audio_seconds <= 30,
+                f"--audio-seconds must be in (0, 30]: Whisper's window (got {self.audio_seconds})",
+            ),
+            (self.text_tokens >= 0, f"--text-tokens must be >= 0 (got {self.text_tokens})"),
+            (self.dtype in _WEIGHT_BYTES, f"--dtype must be one of {sorted(_WEIGHT_BYTES)}"),
+            (0 < self.mfu <= 1, f"--mfu must be in (0, 1] (got {self.mfu})"),
+            (self.peak_tflops > 0, f"--peak-tflops must be > 0 (got {self.peak_tflops})"),
+            (self.epoch_hours > 0, f"--epoch-hours must be > 0 (got {self.epoch_hours})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AudioLLMError(message)
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Exact parameter counts of the AudioLLM built on the meta device."""
+
+    encoder: int
+    projector: int
+    lora: int
+    llm: int  # the LLM's own weights (tied embeddings once), vision tower excluded
+    vision: int
+    largest_layer: int  # DeepSpeed's `largest_layer_params`: most parameters of one module
+    largest_trainable_layer: int
+
+    @property
+    def trainable(self) -> int:
+        return self.projector + self.lora
+
+    @property
+    def frozen(self) -> int:
+        return self.encoder + self.llm + self.vision
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@functools.lru_cache(maxsize=8)
+def count_params(
+    encoder: str, llm: str, stack: int, projector: str, projector_hidden: int, lora_rank: int
+) -> tuple[ParamCounts, ModelShape]:
+    """Build the model on the meta device (as training would: frozen encoder and LLM, projector,
+    LoRA from the default regex) and count its parameters."""
+    import torch
+
+    from audio_llm.config import LoraConfig
+    from audio_llm.lora import LLM_LAYERS, LLM_OTHER, PROJECTOR, VISION, component_of, meta_model
+    from audio_llm.projector import AudioProjector
+
+    model = meta_model(encoder, llm)
+    with torch.device("meta"):
+        model.projector = AudioProjector(
+            model.encoder.d_model,
+            model.llm.config.text_config.hidden_size,
+            stack=stack,
+            kind=projector,
+            hidden=projector_hidden,
+        )
+    model.llm.requires_grad_(False)
+    if lora_rank:
+        from audio_llm.lora import apply_lora
+
+        with warnings.catch_warnings():  # transformers' deprecation notes from inside PEFT
+            warnings.simplefilter("ignore")
+            apply_lora(model, LoraConfig(rank=lora_rank))
+    by_part = dict.fromkeys(("encoder", "projector", "lora", "llm", "vision"), 0)
+    unique = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        unique.setdefault(id(p), (name, p))
+    for name, p in unique.values():
+        part = component_of(name)
+        if ".lora_" in name:
+            by_part["lora"] += p.numel()
+        elif part == PROJECTOR:
+            by_part["projector"] += p.numel()
+        elif part == VISION:
+            by_part["vision"] += p.numel()
+        elif part in (LLM_LAYERS, LLM_OTHER):
+            by_part["llm"] += p.numel()
+        else:
+            by_part["encoder"] += p.numel()
+    largest, largest_trainable = 0, 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        largest = max(largest, sum(p.numel() for p in own))
+        largest_trainable = max(largest_trainable, sum(p.numel() for p in own if p.requires_grad))
+    counts = ParamCounts(
+        **by_part, largest_layer=largest, largest_trainable_layer=largest_trainable
+    )
+    if counts.trainable != sum(p.numel() for _, p in unique.values() if p.requires_grad):
+        raise AudioLLMError("plan: trainable parameters are not the projector and LoRA alone")
+    return counts, ModelShape.from_model(model)
+
+
+def model_state_bytes(
+    zero: int,
+    gpus: int,
+    total: int,
+    trainable: int,
+    largest: int,
+    largest_trainable: int,
+    weight_bytes: int = 2,
+    offload: bool = False,
+) -> dict[str, float]:
+    """Per-GPU bytes of weights, gradients and optimizer states (table in the module docstring)."""
+    w, n = weight_bytes, gpus
+    mixed = w < 4
+    grad32, master = (4 if mixed else 0), (4 if mixed else 0)
+    optimizer = (master + 8) * trainable / n
+    if zero == 1:
+        weights = w * total
+        grads = w * trainable + grad32 * trainable / n
+    elif zero == 2:
+        weights = w * total
+        grads = (w + grad32) * trainable / n
+    else:
+        weights = w * total / n + w * largest
+        grads = 4 * trainable / n + w * largest_trainable
+    if offload:
+        optimizer = 0.0
+        if zero == 1:
+            grads = w * trainable
+        elif zero == 2:
+            grads = 0.0
+        else:
+            weights, grads = w * largest, w * largest_trainable
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer}
+
+
+def deepspeed_estimate(spec: PlanSpec, counts: ParamCounts) -> dict | None:
+    """DeepSpeed's own `estimate_zero{2,3}_model_states_mem_needs` (every parameter trainable,
+    16-bit weights), in bytes per GPU and per CPU; None for ZeRO-1, which it does not cover."""
+    if spec.zero == 1:
+        return None
+    if spec.zero == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(
+            counts.total, spec.gpus_per_node, spec.nodes, cpu_offload=spec.offload
+        )
+    else:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            counts.total,
+            counts.largest_layer,
+            spec.gpus_per_node,
+            spec.nodes,
+            cpu_offload=spec.offload,
+            cpu_offload_params=spec.offload,
+        )
+    return {"gpu": float(gpu), "cpu": float(cpu)}
+
+
+def activation_bytes(
+    shape: ModelShape,
+    rows: int,
+    positions: int,
+    encoder_frames: int,
+    weight_bytes: int = 2,
+    lora_rank: int = 0,
+    lora_dropout: float = 0.05,
+    checkpointing: bool = False,
+) -> dict[str, float]:
+    """Per-GPU activation bytes for one micro-batch (formulas in the module docstring)."""
+    w, h, tokens = weight_bytes, shape.d_llm, rows * positions
+    layer = 8 * h + w * (2 * shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate)
+    if lora_rank:
+        inputs = 5 * h + shape.q_dim + shape.intermediate  # the 7 default targets' input widths
+        layer += w * ((2 if lora_dropout > 0 else 1) * inputs + 7 * lora_rank)
+    if checkpointing:
+        layers = tokens * (shape.llm_layers * w * h + layer)
+    else:
+        layers = tokens * shape.llm_layers * layer
+    layers += tokens * 4 * h  # the final norm's fp32 input
+    logits = tokens * shape.vocab * (w + 8)
+    encoder = 0.0
+    if encoder_frames:
+        encoder = rows * encoder_frames * (3 * shape.d_encoder + shape.encoder_ffn) * w
+    return {"llm_layers": layers, "logits": logits, "encoder": encoder}
+
+
+def make_plan(spec: PlanSpec) -> dict:
+    """Everything `audio-llm plan` prints, as one JSON-ready dict (bytes, FLOPs, seconds)."""
+    counts, shape = count_params(
+        spec.encoder, spec.llm, spec.stack, spec.projector, spec.projector_hidden, spec.lora_rank
+    )
+    shape = dataclasses.replace(shape, encoder_mode="varlen" if spec.varlen else "padded")
+    w = _WEIGHT_BYTES[spec.dtype]
+
+    frames = max(1, round(spec.audio_seconds * ENCODER_FRAMES_PER_SECOND))
+    audio = audio_positions(shape, frames)
+    positions = audio + spec.text_tokens
+    run_encoder = not spec.precomputed_encoder
+    encoder_run = 0
+    if run_encoder:
+        encoder_run = shape.encoder_max_frames if not spec.varlen else frames
+
+    states = model_state_bytes(
+        spec.zero,
+        spec.gpus,
+        counts.total,
+        counts.trainable,
+        counts.largest_layer,
+        counts.largest_trainable_layer,
+        w,
+        spec.offload,
+    )
+    activations = activation_bytes(
+        shape,
+        spec.batch,
+        positions,
+        encoder_run,
+        w,
+        spec.lora_rank,
+        spec.lora_dropout,
+        spec.gradient_checkpointing,
+    )
+    memory = {**states, "activations": sum(activations.values())}
+    memory["total"] = sum(memory.values())
+
+    as_deepspeed = model_state_bytes(
+        spec.zero,
+        spec.gpus,
+        counts.total,
+        counts.total,
+        counts.largest_layer,
+        counts.largest_layer,
+        2,
+        spec.offload,
+    )
+    ours_all = sum(as_deepspeed.values())
+    ds = deepspeed_estimate(spec, counts)
+    cross_check = {
+        "ours_all_trainable": ours_all,
+        "deepspeed": ds["gpu"] if ds else None,
+        "deepspeed_cpu": ds["cpu"] if ds else None,
+        "ratio": ours_all / ds["gpu"] if ds else None,
+        "ours_lora_aware": sum(states.values()),
+    }
+
+    flops = training_flops(shape, frames, positions, 1, run_encoder)
+    samples = spec.epoch_hours * 3600 / spec.audio_seconds
+    epoch_flops = samples * flops.total
+    rate = spec.gpus * spec.peak_tflops * 1e12 * spec.mfu
+    return {
+        "spec": dataclasses.asdict(spec),
+        "params": {
+            **dataclasses.asdict(counts),
+            "trainable": counts.trainable,
+            "frozen": counts.frozen,
+            "total": counts.total,
+        },
+        "sample": {
+            "audio_seconds": spec.audio_seconds,
+            "encoder_frames": frames,
+            "encoder_frames_run": encoder_run,
+            "audio_positions": audio,
+            "text_tokens": spec.text_tokens,
+            "positions": positions,
+        },
+        "memory_per_gpu": memory,
+        "activations": activations,
+        "model_states_cross_check": cross_check,
+        "flops_per_sample": {**dataclasses.asdict(flops), "total": flops.total},
+        "epoch": {
+            "hours_of_audio": spec.epoch_hours,
+            "samples": samples,
+            "flops": epoch_flops,
+            "seconds": epoch_flops / rate,
+            "samples_per_s_per_gpu": rate / flops.total / spec.gpus,
+        },
+    }
+
+
+# -- command line ----------------------------------------------------------------------------
+def _n(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / GIB:8.2f} GiB"
+
+
+def format_plan(plan: dict) -> str:
+    from audio_llm.metrics import format_duration
+
+    spec, p, s, mem = plan["spec"], plan["params"], plan["sample"], plan["memory_per_gpu"]
+    act, check, fl, ep = (
+        plan["activations"],
+        plan["model_states_cross_check"],
+        plan["flops_per_sample"],
+        plan["epoch"],
+    )
+    gpus = spec["gpus_per_node"] * spec["nodes"]
+    stage = f"LoRA r={spec['lora_rank']}" if spec["lora_rank"] else "projector only (stage 1)"
+    encoder = "precomputed" if spec["precomputed_encoder"] else f"{s['encoder_frames_run']} run"
+    lines = [
+        f"{spec['encoder']} + {spec['llm']}: {gpus} GPUs ({spec['nodes']} x "
+        f"{spec['gpus_per_node']}), ZeRO-{spec['zero']}{' + offload' if spec['offload'] else ''}"
+        f", {stage}, {spec['projector']} projector stack {spec['stack']}, {spec['dtype']}",
+        f"parameters   trainable {_n(p['trainable'])} (projector {_n(p['projector'])}, "
+        f"LoRA {_n(p['lora'])}); frozen {_n(p['frozen'])} (encoder {_n(p['encoder'])}, "
+        f"LLM {_n(p['llm'])}, vision tower {_n(p['vision'])})",
+        f"sample       {s['audio_seconds']} s -> {s['encoder_frames']} encoder frames "
+        f"({encoder}) -> {s['audio_positions']} audio + {s['text_tokens']} text = "
+        f"{s['positions']} LLM positions; micro batch {spec['batch']}",
+        "memory per GPU",
+        f"  weights      {_gib(mem['weights'])}",
+        f"  gradients    {_gib(mem['gradients'])}",
+        f"  optimizer    {_gib(mem['optimizer'])}",
+        f"  activations  {_gib(mem['activations'])}  (LLM layers {act['llm_layers'] / GIB:.2f}, "
+        f"logits {act['logits'] / GIB:.2f}, encoder {act['encoder'] / GIB:.2f}"
+        f"{', checkpointed' if spec['gradient_checkpointing'] else ''})",
+        f"  total        {_gib(mem['total'])}",
+        "model states (weights + gradients + optimizer) vs DeepSpeed's estimator",
+        f"  every parameter trainable (DeepSpeed's assumption): ours "
+        f"{_gib(check['ours_all_trainable'])}, DeepSpeed {_gib(check['deepspeed'])}"
+        + (f", ratio {check['ratio']:.3f}" if check["ratio"] is not None else " (no ZeRO-1 one)"),
+        f"  this recipe (frozen encoder and LLM):              {_gib(check['ours_lora_aware'])}",
+        f"compute      {fl['total'] / 1e12:.2f} TFLOP per training sample (encoder "
+        f"{fl['encoder'] / 1e12:.2f}, projector {fl['projector'] / 1e12:.3f}, "
+        f"LLM {fl['llm'] / 1e12:.2f})",
+        f"epoch        {spec['epoch_hours']:g} h of audio = {_n(ep['samples'])} samples, "
+        f"{ep['flops'] / 1e18:.1f} EFLOP: {format_duration(ep['seconds'])} at MFU "
+        f"{spec['mfu']:.0%} of {spec['peak_tflops']:g} TFLOP/s x {gpus} GPUs "
+        f"({ep['samples_per_s_per_gpu']:.1f} samples/s per GPU)",
+    ]
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = PlanSpec()
+    p = subparsers.add_parser(
+        "plan",
+        help="memory per GPU, FLOPs and epoch time for a training setup (no download)",
+        description=(
+            "Build the encoder and LLM on the meta device from their configs (built-in names "
+            "whisper-large-v3, qwen2-vl-2b, qwen2-vl-7b, or checkpoint folders), count trainable "
+            "and frozen parameters, and estimate per-GPU memory (weights, gradients, optimizer, "
+            "activations), training FLOPs per sample and time per epoch at a given MFU. Model "
+            "states are cross-checked against DeepSpeed's own estimator."
+        ),
+    )
+    p.add_argument("--encoder", default=d.encoder, help=f"Whisper (default {d.encoder})")
+    p.add_argument("--llm", default=d.llm, help=f"Qwen2-VL (default {d.llm})")
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
+    p.add_argument("--nodes", type=int, default=d.nodes, help="default 1")
+    p.add_argument("--zero", type=int, default=d.zero, help="ZeRO stage 1, 2 or 3 (default 2)")
+    p.add_argument(
+        "--offload", action="store_true", help="optimizer (ZeRO-3: and parameters) on CPU"
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=d.lora_rank, help="LoRA rank; 0 = stage 1 (default 16)"
+    )
+    p.add_argument("--stack", type=int, default=d.stack, help="projector stack factor k")
+    p.add_argument("--projector", default=d.projector, help="linear (default) or mlp")
+    p.add_argument("--projector-hidden", type=int, default=0, help="mlp width (0: LLM width)")
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--varlen", dest="varlen", action="store_true", help="valid frames only")
+    enc.add_argument(
+        "--padded", dest="varlen", action="store_false", help="30 s window (default, the seed)"
+    )
+    p.add_argument(
+        "--precomputed-encoder",
+        action="store_true",
+        help="encoder-mode shards: the step does not run Whisper",
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="micro batch per GPU (default 8)")
+    p.add_argument(
+        "--audio-seconds", type=float, default=d.audio_seconds, help="mean clip (default 12.7)"
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=d.text_tokens,
+        help="non-audio positions per sample: template, prompt, transcript (default 70)",
+    )
+    p.add_argument("--dtype", default=d.dtype, help="bfloat16 (default), float16 or float32")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM layers")
+    p.add_argument("--mfu", type=float, default=d.mfu, help="assumed MFU (default 0.4)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=d.peak_tflops,
+        help="peak dense TFLOP/s per GPU (default 989, H100 bf16)",
+    )
+    p.add_argument(
+        "--epoch-hours",
+        type=float,
+        default=d.epoch_hours,
+        help="hours of audio per epoch (default 960, LibriSpeech)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(PlanSpec)}
+    spec = PlanSpec(**{k: v for k, v in vars(args).items() if k in names})
+    plan = make_plan(spec)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,363 @@
+"""Length bucketing: every sample exactly once, budgets kept, less padding, lockstep and resume."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audio_llm.config import DataConfig
+from audio_llm.data import bucket as bucket_module
+from audio_llm.data import build_loader, plan_epoch
+from audio_llm.data.bucket import bucket_batches, estimate_batches
+from audio_llm.data.shards import ShardInfo
+from audio_llm.errors import AudioLLMError
+from audio_llm.model import build_audio_llm
+from audio_llm.pack import PackOptions, pack
+from audio_llm.tiny import vocabulary
+
+
+def _speech_mix(n: int, seed: int = 0) -> list[float]:
+    """LibriSpeech-like durations (gamma, shape 6, mean ~12 s, 1-30 s) mixed half and half with
+    Common-Voice-like short clips (lognormal around 4.5 s, 1-12 s)."""
+    rng = np.random.default_rng(seed)
+    long = np.clip(rng.gamma(6.0, 2.05, n // 2), 1.0, 30.0)
+    short = np.clip(rng.lognormal(np.log(4.5), 0.35, n - n // 2), 1.0, 12.0)
+    mix = np.concatenate([long, short])
+    rng.shuffle(mix)
+    return mix.tolist()
+
+
+def _items(lengths: list[float]) -> list[tuple[int, float]]:
+    return list(enumerate(lengths))
+
+
+def _bucket(items, batch_size, budget=0.0, buffer=64, seed=0, **kw):
+    return list(
+        bucket_batches(
+            items,
+            lambda item: item[1],
+            batch_size=batch_size,
+            max_batch_length=budget,
+            buffer_size=buffer,
+            rng=random.Random(seed),
+            **kw,
+        )
+    )
+
+
+def _padded_fraction(batches) -> float:
+    valid = sum(n for batch in batches for _, n in batch)
+    padded = sum(len(batch) * max(n for _, n in batch) for batch in batches)
+    return 1 - valid / padded
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 50, 333])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("buffer", [1, 5, 64, 1000])
+@pytest.mark.parametrize("budget", [0.0, 10.0, 45.5])
+def test_every_item_comes_out_exactly_once_within_size_and_budget(n, batch_size, buffer, budget):
+    rng = random.Random(n * 7 + batch_size)
+    # some items longer than the 10 s budget on their own
+    items = _items([rng.uniform(0.1, 12.0) for _ in range(n)])
+    batches = _bucket(items, batch_size, budget, buffer, seed=n)
+    out = [item for batch in batches for item in batch]
+    assert sorted(out) == items  # exactly once: nothing lost, nothing repeated
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+    if budget:
+        for batch in batches:
+            padded = len(batch) * max(length for _, length in batch)
+            assert padded <= budget or len(batch) == 1
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 333])
+@pytest.mark.parametrize("quota_per_item", [0.01, 0.3, 1.0, 2.0])
+@pytest.mark.parametrize("expected_per_item", [0.5, 1.0, 2.0])
+def test_quota_splitting_keeps_every_item_once(n, quota_per_item, expected_per_item):
+    rng = random.Random(n)
+    items = _items([rng.uniform(0.1, 12.0) for _ in range(n)])
+    quota = max(1, round(n * quota_per_item))
+    expected = max(1, round(n * expected_per_item))
+    batches = _bucket(items, 6, 24.0, 20, quota=quota, expected_items=expected)
+    assert sorted(item for batch in batches for item in batch) == items
+    assert all(1 <= len(batch) <= 6 for batch in batches)
+    assert all(len(b) * max(x for _, x in b) <= 24.0 or len(b) == 1 for b in batches)
+    if expected == n:  # the last buffer makes up what pacing has not split yet
+        assert len(batches) >= min(quota, n)
+
+
+def test_an_item_over_the_budget_forms_its_own_batch():
+    items = _items([2.0, 2.0, 50.0, 2.0, 2.0, 2.0])
+    batches = _bucket(items, batch_size=4, budget=20.0, buffer=3)
+    assert [(2, 50.0)] in batches
+    assert sorted(item for batch in batches for item in batch) == items
+    assert _bucket(_items([50.0]), batch_size=4, budget=20.0, buffer=8) == [[(0, 50.0)]]
+
+
+def test_fixed_size_batches_are_full_but_the_last():
+    items = _items(_speech_mix(203, seed=1))
+    batches = _bucket(items, batch_size=8, buffer=50)
+    assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1)
+    assert len(batches[-1]) == 203 % 8
+
+
+def test_bucketing_cuts_padding_on_a_speech_duration_mix():
+    items = _items(_speech_mix(4000))
+    unbucketed = [items[i : i + 16] for i in range(0, len(items), 16)]
+    bucketed = _bucket(items, batch_size=16, buffer=1000)
+    budgeted = _bucket(items, batch_size=64, budget=240.0, buffer=1000)
+    before, after = _padded_fraction(unbucketed), _padded_fraction(bucketed)
+    assert before > 0.4  # about half of a random batch is padding on this mix
+    assert after < 0.06 and _padded_fraction(budgeted) < 0.1
+    assert after < before / 8
+
+
+def test_same_rng_same_batches_other_rng_other_neighbours():
+    items = _items(_speech_mix(500, seed=3))
+    first = _bucket(items, batch_size=8, budget=60.0, buffer=100, seed=11)
+    assert first == _bucket(items, batch_size=8, budget=60.0, buffer=100, seed=11)
+    other = _bucket(items, batch_size=8, budget=60.0, buffer=100, seed=12)
+    groups = {frozenset(i for i, _ in batch) for batch in first}
+    shared = sum(frozenset(i for i, _ in batch) in groups for batch in other)
+    assert shared < len(other) / 2  # not the same batches in another order
+
+
+def test_no_length_waits_for_the_end_of_the_stream():
+    """Items held back by a cut go out with the next one, whichever end they came from."""
+    lengths = _speech_mix(3000, seed=4)
+    lengths[10], lengths[11] = 30.0, 0.2  # the longest and the shortest, early
+    read = 0
+
+    def reading():
+        nonlocal read
+        for item in _items(lengths):
+            read += 1
+            yield item
+
+    delay = {}
+    for batch in bucket_batches(
+        reading(),
+        lambda item: item[1],
+        batch_size=8,
+        max_batch_length=60.0,
+        buffer_size=100,
+        rng=random.Random(0),
+    ):
+        for i, _ in batch:
+            delay[i] = read - i
+    assert sorted(delay) == list(range(3000))
+    assert delay[10] <= 200 and delay[11] <= 200
+    assert max(d for i, d in delay.items() if i < 2800) <= 300  # at most two buffers late
+
+
+def test_quota_splits_batches_to_land_exactly():
+    items = _items(_speech_mix(1500, seed=5))
+    natural = _bucket(items, batch_size=32, budget=240.0, buffer=300)
+    quota = math.ceil(
+        estimate_batches(
+            len(items), sum(n for _, n in items), batch_size=32, max_batch_seconds=240.0
+        )
+    )
+    assert len(natural) <= quota <= 1.35 * len(natural)  # generous, not wasteful
+    paced = _bucket(items, 32, 240.0, 300, quota=quota, expected_items=len(items))
+    assert len(paced) == quota and all(paced)
+    assert sorted(item for batch in paced for item in batch) == items
+    assert all(len(b) * max(n for _, n in b) <= 240.0 for b in paced)
+    # fewer items than expected (samples skipped): the last buffer still makes up the quota
+    short = _bucket(items[:1400], 32, 240.0, 300, quota=quota, expected_items=len(items))
+    assert len(short) == quota
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_estimate_is_not_below_the_natural_count(seed):
+    rng = np.random.default_rng(seed)
+    mixes = {
+        "speech": _speech_mix(3000, seed),
+        "uniform": rng.uniform(0.5, 30.0, 3000).tolist(),
+        "bimodal": np.concatenate([rng.uniform(0.5, 2, 1500), rng.uniform(25, 30, 1500)]).tolist(),
+    }
+    for name, lengths in mixes.items():
+        items = _items(lengths)
+        for batch_size, budget in ((16, 120.0), (32, 240.0), (128, 480.0)):
+            natural = len(_bucket(items, batch_size, budget, buffer=1000, seed=seed))
+            estimate = estimate_batches(
+                len(lengths), sum(lengths), batch_size=batch_size, max_batch_seconds=budget
+            )
+            assert natural <= estimate, (name, batch_size, budget)
+
+
+def test_budget_plan_gives_every_rank_the_same_quota():
+    shards = [
+        ShardInfo(f"s{i}.tar", f"s{i}.tar", n, n * mean)
+        for i, (n, mean) in enumerate([(9, 2.0), (20, 12.0), (7, 25.0), (30, 5.0), (5, 9.0)] * 2)
+    ]
+    plan = plan_epoch(
+        shards, world_size=2, num_workers=2, batch_size=8, seed=1, epoch=0, max_batch_seconds=60
+    )
+    for r in (0, 1):
+        assert sum(plan.quotas[(r, w)] for w in (0, 1)) == plan.batches_per_rank
+        for w in (0, 1):
+            assert plan.quotas[(r, w)] <= sum(s.samples for s in plan.assignments[(r, w)])
+    fixed = plan_epoch(shards, world_size=2, num_workers=2, batch_size=8, seed=1, epoch=0)
+    assert plan.assignments == fixed.assignments
+    assert plan.batches_per_rank > fixed.batches_per_rank  # 8 clips of 25 s do not fit 60 s
+
+
+def test_config_refuses_budgets_that_cannot_work():
+    with pytest.raises(AudioLLMError, match="bucket_by_length=true"):
+        DataConfig(max_batch_seconds=120.0)
+    with pytest.raises(AudioLLMError, match="less than one 30 s clip"):
+        DataConfig(bucket_by_length=True, max_batch_seconds=20.0)
+    assert DataConfig(bucket_by_length=True, max_batch_seconds=30.0).max_batch_seconds == 30.0
+
+
+# -- the stream, end to end, on tiny packed shards ----------------------------------------------
+N_CLIPS = 48
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """N_CLIPS tone clips of 0.5-12 s (so a 30 s budget binds), 4 per shard, live audio."""
+    root = tmp_path_factory.mktemp("bucket")
+    rng = random.Random(0)
+    words = vocabulary()
+    lines = []
+    for i in range(N_CLIPS):
+        seconds = rng.choice([rng.uniform(0.5, 2.0), rng.uniform(2.0, 12.0)])
+        t = np.arange(int(seconds * 16000)) / 16000
+        audio = 0.3 * np.sin(2 * np.pi * (150 + 10 * i) * t) * np.hanning(len(t))
+        sf.write(root / f"c{i:02d}.wav", audio.astype(np.float32), 16000)
+        text = " ".join(rng.choices(words, k=max(1, round(seconds * rng.uniform(1.0, 2.5)))))
+        lines.append(json.dumps({"audio_filepath": f"c{i:02d}.wav", "text": text, "id": f"u{i}"}))
+    manifest = root / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    pack([manifest], PackOptions(out=root / "audio", mode="audio", max_samples=4, quiet=True))
+    return root / "audio"
+
+
+@pytest.fixture(scope="module")
+def model(model_config):
+    return build_audio_llm(model_config)
+
+
+def _epoch(cfg, model, shards, rank=0, world=1):
+    loader = build_loader(cfg, model, spec=str(shards), rank=rank, world_size=world)
+    batches = [b for _, b in zip(range(loader.batches_per_epoch), loader, strict=False)]
+    assert loader.epoch == 0 and sum(loader.consumed) == loader.batches_per_epoch
+    return batches, loader
+
+
+def _seconds(batch) -> list[float]:
+    return (batch["feature_lengths"].float() / 100).tolist()
+
+
+@pytest.mark.parametrize("budget", [0.0, 30.0])
+def test_two_ranks_two_workers_see_every_sample_once_in_equal_steps(shards, model, budget):
+    cfg = DataConfig(
+        batch_size=4,
+        num_workers=2,
+        shuffle_buffer=6,
+        bucket_by_length=True,
+        max_batch_seconds=budget,
+    )
+    runs = {rank: _epoch(cfg, model, shards, rank, world=2) for rank in (0, 1)}
+    plan = runs[0][1].stream.plan(0)
+    assert len(runs[0][0]) == len(runs[1][0]) == plan.batches_per_rank
+    keys = {r: [k for b in batches for k in b["keys"]] for r, (batches, _) in runs.items()}
+    assert not set(keys[0]) & set(keys[1])
+    problems = runs[0][1].problems + runs[1][1].problems
+    assert problems["repeated_to_fill_quota"] == 0
+    for r in (0, 1):
+        assert len(keys[r]) == len(set(keys[r]))
+    if budget:
+        for batches, _ in runs.values():
+            for batch in batches:
+                assert len(batch["keys"]) * max(_seconds(batch)) <= budget
+        # seen once, or counted: quotas are estimates, and one rank's is trimmed to the other's
+        assert len(keys[0]) + len(keys[1]) + problems["left_out_over_quota"] == N_CLIPS
+        assert problems["left_out_over_quota"] <= N_CLIPS // 10
+    else:
+        for batches, _ in runs.values():
+            assert all(len(b["keys"]) == 4 for b in batches)
+        assert len(keys[0]) + len(keys[1]) + sum(plan.dropped.values()) == N_CLIPS
+
+
+def test_a_quota_too_small_for_the_data_counts_what_it_leaves_out(shards, model, monkeypatch):
+    monkeypatch.setattr(bucket_module, "BUDGET_FILL", 3.0)  # estimates far too low
+    cfg = DataConfig(batch_size=4, num_workers=0, bucket_by_length=True, max_batch_seconds=30.0)
+    batches, loader = _epoch(cfg, model, shards)
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys))
+    assert loader.problems["left_out_over_quota"] > 0
+    assert len(keys) + loader.problems["left_out_over_quota"] == N_CLIPS
+
+
+def test_bucketing_lowers_padding_and_the_stats_show_it(shards, model):
+    fractions = {}
+    for bucketed in (False, True):
+        cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=48, bucket_by_length=bucketed)
+        batches, _ = _epoch(cfg, model, shards)
+        stats = Counter()
+        for batch in batches:
+            stats.update(batch["stats"])
+            lengths = batch["feature_lengths"]
+            assert batch["stats"]["audio_frames"] == int(lengths.sum())
+            assert batch["stats"]["audio_frames_padded"] == len(lengths) * int(lengths.max())
+        fractions[bucketed] = (
+            1 - stats["audio_frames"] / stats["audio_frames_padded"],
+            1 - stats["tokens"] / stats["positions"],
+        )
+    assert fractions[True][0] < fractions[False][0] / 2  # audio frames
+    assert fractions[True][1] < fractions[False][1] / 2  # LLM positions
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from audio_llm.config import DataConfig, ModelConfig
+    from audio_llm.data import build_loader
+    from audio_llm.model import build_audio_llm
+    args = json.loads(sys.argv[1])
+    model = build_audio_llm(ModelConfig(**args["model"]))
+    loader = build_loader(DataConfig(**args["data"]), model, spec=args["shards"])
+    loader.load_state_dict(args["state"])
+    left = loader.batches_per_epoch - sum(args["state"]["consumed"])
+    it = iter(loader)
+    print(json.dumps([next(it)["keys"] for _ in range(left)]))
+    """
+)
+
+
+def test_resume_in_a_new_process_gives_the_same_budget_batches(shards, model, model_config):
+    data = {
+        "batch_size": 4,
+        "num_workers": 2,
+        "shuffle_buffer": 6,
+        "bucket_by_length": True,
+        "max_batch_seconds": 30.0,
+    }
+    cfg = DataConfig(**data)
+    reference, _ = _epoch(cfg, model, shards)
+    partial = build_loader(cfg, model, spec=str(shards))
+    it = iter(partial)
+    seen = [next(it)["keys"] for _ in range(5)]
+    state = json.loads(json.dumps(partial.state_dict()))  # as a checkpoint stores it
+    args = {"model": vars(model_config), "data": data, "shards": str(shards), "state": state}
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rest = json.loads(proc.stdout.strip().splitlines()[-1])
+    batches = Counter(tuple(sorted(keys)) for keys in seen + rest)
+    assert batches == Counter(tuple(sorted(b["keys"])) for b in reference)  # the same batches

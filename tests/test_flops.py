@@ -1,0 +1,202 @@
+"""audio_llm.flops: analytic training FLOPs against torch's counter, padding accounting, MFU
+logging, and the GPU step benchmark's CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from audio_llm.arch import resolve_config
+from audio_llm.config import LoraConfig
+from audio_llm.flops import (
+    ModelShape,
+    batch_flops,
+    batch_flops_from_tensors,
+    encoder_forward,
+    flops_rates,
+    llm_forward,
+    lora_params,
+    training_flops,
+    with_flops,
+)
+from audio_llm.model import build_audio_llm
+from tests.helpers import training_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["the red fox runs", "a", "hello world hello world"]
+
+
+def _measured_training_flops(model, batch: dict) -> tuple[int, dict]:
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops(), counter.get_flop_counts()
+
+
+@pytest.mark.parametrize(
+    "overrides, lora",
+    [
+        ({}, None),  # the seed: padded 30 s encoder, stack 1 linear, projector only
+        ({"varlen_encoder": True, "stack_factor": 4, "projector": "mlp"}, LoraConfig(rank=8)),
+    ],
+    ids=["seed-stage1", "varlen-stack4-mlp-lora"],
+)
+def test_analytic_training_flops_equal_torch_flop_counter(model_config, overrides, lora):
+    """The formulas and FlopCounterMode count the same ops (matmuls, convs; 2 per MAC), so they
+    agree to rounding. The 1e-3 tolerance leaves room only for ops neither should count at real
+    shapes (e.g. M-RoPE's tiny position matmul), not for a wrong multiplier: dropping the input
+    gradient of frozen weights, or counting the encoder's backward, moves the total by > 10%."""
+    torch.manual_seed(0)
+    model = build_audio_llm(replace(model_config, **overrides), lora)
+    # Eager attention: on CPU, SDPA's fused kernel is invisible to FlopCounterMode.
+    model.llm.set_attn_implementation("eager")
+    model.encoder.whisper.config._attn_implementation = "eager"
+    model.train()
+    batch = training_batch(model, [601, 410, 1200], TEXTS)
+    shape = ModelShape.from_model(model)
+    assert shape.encoder_mode == ("varlen" if overrides else "padded")
+    expected = batch_flops_from_tensors(shape, batch).executed
+
+    measured, by_module = _measured_training_flops(model, batch)
+    assert measured == pytest.approx(expected.total, rel=1e-3)
+    assert sum(by_module["AudioLLM.encoder"].values()) == pytest.approx(expected.encoder, rel=1e-3)
+    assert sum(by_module["AudioLLM.projector"].values()) == pytest.approx(
+        expected.projector, rel=1e-3
+    )
+
+
+def test_precomputed_encoder_batches_count_no_encoder(model_config):
+    model = build_audio_llm(model_config)
+    batch = training_batch(model, [600, 410, 1200], TEXTS)
+    hidden, lengths = model.encoder(batch["input_features"], batch["feature_lengths"])
+    pre = {k: v for k, v in batch.items() if k not in ("input_features", "feature_lengths")}
+    pre |= {"audio_embeds": hidden, "audio_lengths": lengths}
+    shape = ModelShape.from_model(model)
+    live, cached = batch_flops_from_tensors(shape, batch), batch_flops_from_tensors(shape, pre)
+    assert live.executed.encoder > 0 and cached.executed.encoder == 0
+    assert cached.executed.llm == live.executed.llm
+    assert cached.executed.projector == live.executed.projector
+    # the seed encoder runs the full window whatever the clip: 3 rows x 1,500 frames
+    assert live.encoder_frames_executed == 3 * 1500
+    # with_flops tags each batch for the training loop
+    tagged = next(with_flops(iter([pre]), shape))
+    assert tagged["stats"]["flops"] == cached.executed.total
+
+
+@pytest.fixture(scope="module")
+def large_v3_7b() -> tuple:
+    return resolve_config("whisper-large-v3"), resolve_config("qwen2-vl-7b")
+
+
+def test_real_shapes_match_parameter_counts_of_the_meta_model(large_v3_7b):
+    """Per position, the LLM's frozen forward is 2 FLOPs per weight of its layers' projections
+    and lm_head; per frame, the encoder's layers are 2 per weight plus attention."""
+    from audio_llm.lora import meta_model
+
+    whisper, qwen = large_v3_7b
+    model = meta_model("whisper-large-v3", "qwen2-vl-7b")
+    linear = torch.nn.Linear
+    llm_weights = sum(
+        m.weight.numel()
+        for n, m in model.llm.named_modules()
+        if isinstance(m, linear) and ("language_model.layers." in n or n == "lm_head")
+    )
+    shape = ModelShape.from_configs(whisper, qwen)
+    assert llm_forward(shape, 1).frozen == 2 * llm_weights
+    enc_weights = sum(
+        m.weight.numel() for m in model.encoder.whisper.layers.modules() if isinstance(m, linear)
+    )
+    frames = 1500
+    attention = 4 * frames * frames * 1280 * 32
+    convs = 2 * 3000 * 128 * 1280 * 3 + 2 * frames * 1280 * 1280 * 3
+    assert encoder_forward(shape, frames) == 2 * enc_weights * frames + attention + convs
+    # The LoRA weights PEFT builds are the ones the formula counts.
+    from audio_llm.lora import apply_lora
+
+    apply_lora(model, LoraConfig(rank=16))
+    built = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert lora_params(qwen, 16) == built
+
+
+def test_padding_accounting_by_hand(large_v3_7b):
+    shape = ModelShape.from_configs(*large_v3_7b, stack=8, encoder_mode="varlen")
+    # two clips of 100 and 300 frames, 20 and 30 text positions: 13 + 20 and 38 + 30 positions
+    result = batch_flops(shape, [100, 300], [20, 30])
+    assert result.encoder_frames_executed == 600 and result.encoder_frames_valid == 400
+    assert result.positions_executed == 2 * 68 and result.positions_valid == 33 + 68
+    assert result.encoder_padded_fraction == pytest.approx(1 / 3)
+    alone = training_flops(shape, 100, 33) + training_flops(shape, 300, 68)
+    assert result.useful.total == pytest.approx(alone.total)
+    assert result.executed.total == pytest.approx(training_flops(shape, 300, 68, rows=2).total)
+    # the seed runs 1,500 frames per clip: 3,000 executed for 400 valid
+    seed = batch_flops(replace(shape, encoder_mode="padded", stack=1), [100, 300], [20, 30])
+    assert seed.encoder_frames_executed == 3000
+    assert seed.executed.encoder == pytest.approx(2 * encoder_forward(shape, 1500))
+
+
+def test_mfu_is_achieved_over_peak_and_absent_without_a_peak():
+    rates = flops_rates(flops=4e15, seconds=10.0, peak_tflops=800.0)
+    assert rates == pytest.approx({"tflops_per_device": 400.0, "mfu": 0.5})
+    assert flops_rates(4e15, 10.0) == {"tflops_per_device": 400.0}
+    assert flops_rates(4e15, 0.0, 800.0)["tflops_per_device"] == 0.0
+
+
+def test_training_logs_tflops_and_mfu(tiny_models, tmp_path):
+    """One real single-rank launch: the step's analytic FLOPs over its wall time reach
+    metrics.jsonl as perf/tflops_per_device and perf/mfu = that / train.peak_tflops."""
+    from tests.test_train_launch import common, launch
+
+    out = tmp_path / "run"
+    launch(1, [*common(tiny_models, out, 2), "train.peak_tflops=0.5"], gpus=1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    perf = [r for r in rows if "perf/tflops_per_device" in r]
+    assert [r["step"] for r in perf] == [1, 2]
+    for row in perf:
+        assert row["perf/tflops_per_device"] > 0
+        assert row["perf/mfu"] == pytest.approx(row["perf/tflops_per_device"] / 0.5)
+
+
+def test_gpu_step_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu_step.json"
+    script = ["benchmarks/gpu_step.py", "--tiny", "--steps", "2", "--warmup", "1"]
+    proc = subprocess.run(
+        [sys.executable, *script, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["timed_steps"] == 2
+    assert report["step_s"] > 0 and report["tflops_per_device"] > 0
+    assert report["mfu"] == pytest.approx(report["tflops_per_device"] / report["peak_tflops"])
+    assert "step" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_flops_benchmark_meets_issue_7_targets(tmp_path):
+    """benchmarks/flops.py on a smaller corpus: efficient settings >= 4x fewer FLOPs per trained
+    audio-second than the seed, <= 5% padded encoder frames and LLM positions (exit 0 = met)."""
+    out = tmp_path / "flops.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/flops.py", "--utterances", "4000", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    report = json.loads(out.read_text())
+    seed, efficient = report["settings"][0], report["settings"][-1]
+    assert seed["padded_fraction"]["encoder_frames"] > 0.5  # 30 s windows for ~12.7 s clips
+    assert report["seed_over_efficient"] >= 4.0
+    assert efficient["padded_fraction"]["encoder_frames"] <= 0.05
+    assert efficient["padded_fraction"]["llm_positions"] <= 0.05
