@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         make_corpus(corpus, spec)
     times["corpus"] = time.time() - t
 
-    print("== 3/6 audio-llm pack --mode encoder (frozen encoder outputs, computed once)")
+    print("== 3/6 audio-llm pack --mode encoder --varlen-encoder (frozen encoder outputs, once)")
     t = time.time()
     shards = out / "shards"
     for split in SPLITS:
-        if not args.fresh and (shards / split / "index.json").is_file():
+        index = shards / split / "index.json"
+        if not args.fresh and index.is_file() and _packed_varlen(index):
             continue
         cmd = [_bin("audio-llm"), "pack", "--input", str(corpus / split / "manifest.jsonl")]
         cmd += [
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "encoder",
             "--encoder",
             str(models["whisper"]),
+            "--varlen-encoder",  # each clip's own frames, not the 30 s window (issue 7)
         ]
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-(spec.train if split == "train" else spec.test) // 8))
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     example = corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
     print(f"try it: {_bin('audio-llm')} transcribe --run {stage2} {example}")
     return 0
+
+
+def _packed_varlen(index: Path) -> bool:
+    """Shards from an earlier demo run that used the 30 s window are packed again."""
+    return bool((json.loads(index.read_text()).get("encoder") or {}).get("varlen"))
 
 
 def _last(losses: dict) -> float | None:
