@@ -20,19 +20,13 @@
 # Every node needs this checkout at the same path, and train.out_dir on a shared filesystem.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 STAGE="${1:?usage: launch/multi_node.sh STAGE [ARGS...] (STAGE is 1 or 2)}"
 shift
-case "$STAGE" in
-  1 | 2) ;;
-  *) echo "launch/multi_node.sh: STAGE must be 1 or 2 (got '$STAGE')" >&2; exit 2 ;;
-esac
+check_stage launch/multi_node.sh "$STAGE"
 
 GPUS_GIVEN="${NUM_GPUS:-}"
-if [[ -z "${NUM_GPUS:-}" ]]; then
-  NUM_GPUS="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
-  [[ "$NUM_GPUS" -ge 1 ]] || NUM_GPUS=1
-fi
+default_num_gpus
 MASTER_PORT="${MASTER_PORT:-29500}"
 launcher=("${DEEPSPEED:-deepspeed}")
 
@@ -67,15 +61,4 @@ else
   exit 2
 fi
 
-cmd=(
-  "${launcher[@]}"
-  "$ROOT/launch/stage${STAGE}.py" --deepspeed_config "${DS_CONFIG:-$ROOT/ds_configs/zero2.json}"
-  "$@"
-)
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q' "${cmd[0]}"
-  printf ' %q' "${cmd[@]:1}"
-  echo
-else
-  exec "${cmd[@]}"
-fi
+run_stage "$STAGE" "${launcher[@]}" -- "$@"

@@ -13,28 +13,11 @@
 # DRY_RUN=1 print the command instead of running it
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 STAGE="${1:?usage: launch/single_node.sh STAGE [ARGS...] (STAGE is 1 or 2)}"
 shift
-case "$STAGE" in
-  1 | 2) ;;
-  *) echo "launch/single_node.sh: STAGE must be 1 or 2 (got '$STAGE')" >&2; exit 2 ;;
-esac
+check_stage launch/single_node.sh "$STAGE"
+default_num_gpus
 
-if [[ -z "${NUM_GPUS:-}" ]]; then
-  NUM_GPUS="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
-  [[ "$NUM_GPUS" -ge 1 ]] || NUM_GPUS=1
-fi
-
-cmd=(
-  "${DEEPSPEED:-deepspeed}" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}"
-  "$ROOT/launch/stage${STAGE}.py" --deepspeed_config "${DS_CONFIG:-$ROOT/ds_configs/zero2.json}"
-  "$@"
-)
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q' "${cmd[0]}"
-  printf ' %q' "${cmd[@]:1}"
-  echo
-else
-  exec "${cmd[@]}"
-fi
+run_stage "$STAGE" \
+  "${DEEPSPEED:-deepspeed}" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" -- "$@"

@@ -169,6 +169,7 @@ def _stand_in_tree(tmp_path: Path) -> Path:
     (root / "launch").mkdir(parents=True)
     for script in SCRIPTS:
         shutil.copy2(REPO / "launch" / script, root / "launch" / script)
+    shutil.copy2(REPO / "launch" / "_common.sh", root / "launch" / "_common.sh")
     shutil.copytree(REPO / "ds_configs", root / "ds_configs")
     (root / "launch" / "stage1.py").write_text(STAND_IN_STAGE)
     return root
