@@ -12,6 +12,10 @@ from audio_llm.errors import AudioLLMError
 # Imported lazily per command so `audio-llm --help` stays fast and torch loads only when needed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("audio_llm.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
+    "teach-reading": (
+        "audio_llm.reading",
+        "text-only pretraining of a tiny LLM to read embeddings at audio placeholders",
+    ),
     "lora-targets": ("audio_llm.lora", "show which modules a LoRA regex hits, per component"),
     "config": ("audio_llm.config", "print the resolved training config (file + overrides)"),
     "pack": (

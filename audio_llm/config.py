@@ -54,6 +54,13 @@ class ModelConfig:
     )
     stack_factor: int = opt(1, "Concatenate k consecutive encoder frames before projecting.")
     projector_hidden: int = opt(0, "Hidden width of the mlp projector (0: the LLM's hidden size).")
+    projector_context: Literal["none", "conv"] = opt(
+        "none",
+        "Before stacking, mix each encoder frame with its neighbours (+-0.6 s) through a residual "
+        "dilated-conv stack: for encoders whose frames carry little context (the demo's random "
+        "tiny Whisper). Real Whisper frames already do; keep 'none' there.",
+    )
+    projector_dropout: float = opt(0.0, "Dropout inside the projector's context stack.")
     projector_init: str = opt("", "Projector safetensors to start from (stage 2: stage-1 output).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "bfloat16", "Weights dtype (CPU: float32)."
@@ -72,6 +79,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.stack_factor >= 1, f"model.stack_factor must be >= 1 (got {self.stack_factor})")
         _check(self.projector_hidden >= 0, "model.projector_hidden must be >= 0")
+        _check(0 <= self.projector_dropout < 1, "model.projector_dropout must be in [0, 1)")
         _check(bool(self.audio_token), "model.audio_token must name a tokenizer token")
 
 
@@ -160,6 +168,14 @@ class TrainConfig:
     peak_tflops: float = opt(
         0.0, "Peak dense TFLOP/s per device for MFU (H100 bf16: 989); 0 = do not log MFU."
     )
+    ctc_weight: float = opt(
+        0.0,
+        "Add this times a CTC loss on the projector output, scored against the LLM's own (frozen) "
+        "input embeddings plus one learned blank vector: it teaches the projector to emit, in "
+        "order, vectors the LLM reads as the transcript's tokens. For projectors learning from "
+        "nothing against a small LLM (the demo); 0 = off. Costs an audio-positions x vocab "
+        "matmul per sample (and, under ZeRO-3, gathering the embedding matrix each step).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
@@ -169,6 +185,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {self.grad_accum})")
         _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every/keep_last >= 1")
         _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (got {self.peak_tflops})")
+        _check(self.ctc_weight >= 0, f"train.ctc_weight must be >= 0 (got {self.ctc_weight})")
 
 
 @dataclass

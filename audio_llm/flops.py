@@ -62,6 +62,8 @@ class ModelShape:
     projector_hidden: int = 0  # mlp hidden width; 0: d_llm
     lora_params: int = 0  # all LoRA A and B weights: one MAC per weight per position
     encoder_mode: str = "padded"
+    projector_context: str = "none"  # "conv": ConvContext over encoder frames before stacking
+    ctc: bool = False  # train.ctc_weight > 0: projector output x (embedding table + blank)
 
     def __post_init__(self) -> None:
         if self.encoder_mode not in ENCODER_MODES:
@@ -114,6 +116,10 @@ class ModelShape:
             encoder_mode = "varlen" if getattr(model.encoder, "varlen", False) else "padded"
         projector = model.projector
         hidden = projector.net[0].out_features if projector.kind == "mlp" else 0
+        extra = {
+            "projector_context": projector.context_kind,
+            "ctc": getattr(model, "ctc_weight", 0) > 0,
+        }
         shape = cls.from_configs(
             model.encoder.whisper.config,
             model.llm.config,
@@ -123,7 +129,7 @@ class ModelShape:
             encoder_mode=encoder_mode,
         )
         lora = sum(p.numel() for n, p in model.llm.named_parameters() if ".lora_" in n)
-        return replace(shape, lora_params=lora)
+        return replace(shape, lora_params=lora, **extra)
 
     @property
     def q_dim(self) -> int:
@@ -170,6 +176,16 @@ def encoder_forward(shape: ModelShape, frames: int, mel_frames: int | None = Non
 def audio_positions(shape: ModelShape, frames: int) -> int:
     """LLM positions the projector makes from `frames` encoder frames."""
     return -(-frames // shape.stack)
+
+
+def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
+    """(input Linear, convs + output Linear) forward FLOPs of the projector's conv context."""
+    if shape.projector_context == "none":
+        return 0.0, 0.0
+    from audio_llm.projector import ConvContext
+
+    linear = 2.0 * frames * shape.d_encoder**2
+    return linear, linear * (ConvContext.KERNEL * len(ConvContext.DILATIONS) + 1)
 
 
 def projector_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
@@ -245,7 +261,15 @@ def training_flops(
             encoder_frames = shape.encoder_max_frames if padded else frames
         encoder = encoder_forward(shape, encoder_frames, encoder_mel_frames)
     first, second = projector_forward(shape, frames)
-    projector = 2 * first + 3 * second
+    context_in, context_rest = context_forward(shape, frames)
+    if context_in:
+        # The context's input Linear reads the frozen encoder output (weight gradient only);
+        # every conv reads a trainable LayerNorm's output, so everything after needs both.
+        projector = 2 * context_in + 3 * (context_rest + first + second)
+    else:
+        projector = 2 * first + 3 * second
+    if shape.ctc:  # logits against the frozen table: forward + the projector-side gradient
+        projector += 2 * 2.0 * audio_positions(shape, frames) * shape.d_llm * (shape.vocab + 1)
     llm = llm_forward(shape, positions)
     llm_total = 2 * llm.frozen + 3 * (llm.attention + llm.lora)
     return Flops(encoder, projector, llm_total).scaled(rows)

@@ -57,6 +57,14 @@ class AudioLLM(nn.Module):
         self.prompts: PromptBuilder | None = None
         # float32 mel filters per device: not a buffer, so no checkpoint or bf16 cast touches it
         self._mel_filters: dict[torch.device, torch.Tensor] = {}
+        self.ctc_weight = 0.0
+
+    def enable_ctc(self, weight: float) -> None:
+        """Train with `LM loss + weight * CTC loss` (see `ctc_loss`); adds the blank vector."""
+        dim = self.llm.get_input_embeddings().embedding_dim
+        dtype = self.projector.net[0].weight.dtype
+        self.ctc_blank = nn.Parameter(torch.zeros(dim, dtype=dtype))
+        self.ctc_weight = weight
 
     # -- audio ------------------------------------------------------------------------------
     def num_audio_tokens(self, mel_frames: int) -> int:
@@ -139,12 +147,51 @@ class AudioLLM(nn.Module):
         # Explicit 1-D positions (Qwen2-VL expands them to its 3 M-RoPE axes): text-only RoPE,
         # correct for left or right padding, and independent of state left by generate().
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.llm(
+        out = self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             use_cache=False,
+        )
+        if self.ctc_weight > 0 and labels is not None:
+            ctc = self.ctc_loss(projected, lengths, labels)
+            out["lm_loss"], out["ctc_loss"] = out.loss, ctc
+            out.loss = out.loss + self.ctc_weight * ctc
+        return out
+
+    def ctc_loss(
+        self, projected: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """CTC of the transcript tokens over the projected audio positions.
+
+        Each position's logits are its dot products with the LLM's input embedding rows plus a
+        learned blank vector, so the projector learns to write, in order, embeddings the LLM
+        already reads as those tokens. Targets are the label tokens without end-of-turn; a clip
+        with more targets than positions contributes nothing (`zero_infinity`).
+        """
+        weight = self.llm.get_input_embeddings().weight
+        if weight.numel() == 0:  # ZeRO-3 partitions it: gather a private copy for this step
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight]):
+                weight = weight.detach().clone()
+        projected = projected.to(weight.dtype)
+        table = weight.detach()
+        # Two products rather than one against [table; blank]: no gradient for the frozen table.
+        tokens = projected @ table.T
+        blank = projected @ self.ctc_blank.to(weight.dtype)[:, None]
+        log_probs = torch.cat([tokens, blank], -1).float().log_softmax(-1).transpose(0, 1)
+        keep = (labels != IGNORE_INDEX) & (labels != self.prompts.eos_id)
+        targets = labels[keep]
+        target_lengths = keep.sum(1)
+        return nn.functional.ctc_loss(
+            log_probs,
+            targets,
+            lengths,
+            target_lengths,
+            blank=weight.shape[0],
+            zero_infinity=True,
         )
 
     def train(self, mode: bool = True) -> AudioLLM:
@@ -194,9 +241,14 @@ class AudioLLM(nn.Module):
 
 
 def build_audio_llm(
-    cfg: ModelConfig, lora: LoraConfig | None = None, device: str | torch.device = "cpu"
+    cfg: ModelConfig,
+    lora: LoraConfig | None = None,
+    device: str | torch.device = "cpu",
+    ctc_weight: float = 0.0,
 ) -> AudioLLM:
     """Load encoder, feature extractor, tokenizer and LLM; validate them; add projector + LoRA.
+
+    `ctc_weight > 0` adds the auxiliary CTC loss (`train.ctc_weight`) and its blank vector.
 
     Every mismatch (mel bins, missing audio token, projector shapes, LoRA targets) is raised here,
     before any training work.
@@ -228,6 +280,8 @@ def build_audio_llm(
         stack=cfg.stack_factor,
         kind=cfg.projector,
         hidden=cfg.projector_hidden,
+        context=cfg.projector_context,
+        dropout=cfg.projector_dropout,
     ).to(dtype)
     if cfg.projector_init:
         projector.load(cfg.projector_init)
@@ -236,6 +290,8 @@ def build_audio_llm(
         AudioEncoder(whisper, cfg.varlen_encoder), projector, llm, prompts.audio_token_id
     )
     model.tokenizer, model.feature_extractor, model.prompts = tokenizer, feature_extractor, prompts
+    if ctc_weight > 0:
+        model.enable_ctc(ctc_weight)
     if lora is not None:
         from audio_llm.lora import apply_lora
 

@@ -11,18 +11,64 @@ from torch import nn
 from audio_llm.errors import AudioLLMError
 
 
+class ConvContext(nn.Module):
+    """Residual stack of dilated 1-D convolutions over encoder frames (pre-LayerNorm, GELU).
+
+    Kernel 5 at dilations 1, 2, 4, 8 lets each frame see +-30 frames (0.6 s of Whisper's 50 Hz
+    output), about a word either side, before frames are stacked. Padding frames are
+    zeroed before every layer, so a clip's output does not depend on its batch.
+    """
+
+    DILATIONS = (1, 2, 4, 8)
+    KERNEL = 5
+
+    def __init__(self, width: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in self.DILATIONS)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(width, width, self.KERNEL, padding=2 * d, dilation=d) for d in self.DILATIONS
+        )
+        self.out = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mask = valid[..., None].to(frames.dtype)
+        hidden = self.inp(frames)
+        for norm, conv in zip(self.norms, self.convs, strict=True):
+            update = conv((norm(hidden) * mask).transpose(1, 2)).transpose(1, 2)
+            hidden = hidden + self.dropout(nn.functional.gelu(update))
+        return (frames + self.out(hidden)) * mask
+
+
 class AudioProjector(nn.Module):
     """`[B, F, d_enc]` -> `[B, ceil(F / k), d_llm]`.
 
     Stacking concatenates k consecutive frames (zero-padding the tail), so the LLM sees k times
     fewer audio positions; `kind="mlp"` adds a GELU hidden layer as in LLaVA-style projectors.
+    `context="conv"` first runs a small dilated convolution stack over the frames (`ConvContext`),
+    for encoders whose frames carry little context of their own (the demo's random tiny Whisper).
     """
 
     def __init__(
-        self, d_encoder: int, d_llm: int, stack: int = 1, kind: str = "linear", hidden: int = 0
+        self,
+        d_encoder: int,
+        d_llm: int,
+        stack: int = 1,
+        kind: str = "linear",
+        hidden: int = 0,
+        context: str = "none",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.d_encoder, self.d_llm, self.stack, self.kind = d_encoder, d_llm, stack, kind
+        self.context_kind = context
+        if context == "conv":
+            self.context = ConvContext(d_encoder, dropout)
+        elif context != "none":
+            raise AudioLLMError(
+                f"model.projector_context must be 'none' or 'conv' (got {context!r})"
+            )
         d_in = d_encoder * stack
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(d_in, d_llm))
@@ -47,6 +93,8 @@ class AudioProjector(nn.Module):
         # Zero frames past each clip's end so stacking never mixes padding into valid positions.
         valid = torch.arange(num, device=frames.device)[None, :] < lengths[:, None]
         frames = frames * valid[..., None].to(frames.dtype)
+        if self.context_kind != "none":
+            frames = self.context(frames.to(self.net[0].weight.dtype), valid)
         pad = (-num) % self.stack
         if pad:
             frames = nn.functional.pad(frames, (0, 0, 0, pad))
@@ -61,6 +109,7 @@ class AudioProjector(nn.Module):
             "d_llm": str(self.d_llm),
             "stack": str(self.stack),
             "kind": self.kind,
+            "context": self.context_kind,
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata=meta)
@@ -77,7 +126,8 @@ class AudioProjector(nn.Module):
                 raise AudioLLMError(
                     f"{path}: projector tensor {key} has shape {tuple(tensor.shape)}, this model "
                     f"needs {want} (d_encoder={self.d_encoder}, d_llm={self.d_llm}, "
-                    f"stack={self.stack}, kind={self.kind}): check model.* against stage 1"
+                    f"stack={self.stack}, kind={self.kind}, context={self.context_kind}): "
+                    "check model.* against stage 1"
                 )
         missing = sorted(set(own) - set(state))
         if missing:

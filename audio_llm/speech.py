@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,9 @@ def _speak(row: dict, folder: Path) -> dict:
     }
 
 
+SPEC_FILE = "spec.json"
+
+
 def make_corpus(
     out_dir: str | Path, spec: CorpusSpec | None = None, workers: int = 2
 ) -> dict[str, Path]:
@@ -139,4 +142,14 @@ def make_corpus(
             tmp.write("".join(json.dumps(e) + "\n" for e in entries))
         Path(tmp.name).replace(manifest)
         manifests[name] = manifest
+    # Written last: a corpus with this file is complete and was made from exactly this spec.
+    (out / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return manifests
+
+
+def corpus_matches(out_dir: str | Path, spec: CorpusSpec) -> bool:
+    """True if `out_dir` holds a complete corpus made from `spec` (so it can be reused)."""
+    path = Path(out_dir) / SPEC_FILE
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()) == json.loads(json.dumps(asdict(spec)))

@@ -56,6 +56,10 @@ class StepResult:
     grad_norm: float
     finite: bool
     counts: dict[str, float]
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # lm_loss, ctc_loss
+
+
+LOSS_PARTS = ("lm_loss", "ctc_loss")
 
 
 def check_start(cfg: Config) -> None:
@@ -107,13 +111,15 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
     """
     device = engine.device
     losses, finite = [], True
+    parts: dict[str, list[torch.Tensor]] = {}
     counts: Counter = Counter()
     for _ in range(accum):
         batch = next(batches)
         timer.data_ready()
         counts.update(batch["stats"])
         inputs = {k: batch[k].to(device) for k in TENSOR_KEYS if k in batch}
-        loss = engine(**inputs).loss
+        out = engine(**inputs)
+        loss = out.loss
         bad = _any_rank(not torch.isfinite(loss).item(), device)
         if bad:
             finite = False
@@ -121,21 +127,30 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
             loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
         else:
             losses.append(loss.detach())
+            for name in LOSS_PARTS:
+                if out.get(name) is not None:
+                    parts.setdefault(name, []).append(out[name].detach().float())
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and not finite:
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0  # the scheduler sets the next step's lr right after
         engine.step()
-    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device)
+    means = [torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device)]
+    # The same names on every rank (the model decides, not the batch), so the reduce matches.
+    names = list(LOSS_PARTS) if getattr(engine.module, "ctc_weight", 0) > 0 else []
+    nan = torch.tensor(float("nan"), device=device)
+    means += [torch.stack(parts[n]).mean() if n in parts else nan for n in names]
+    mean = torch.stack([m.float() for m in means])
     if dist.is_initialized():  # gloo has no AVG
-        mean = mean.clone()
         torch.distributed.all_reduce(mean)
         mean /= dist.world_size()
     norm = engine.get_global_grad_norm()
     grad_norm = float(norm) if norm is not None else float("nan")
     if finite and not math.isfinite(grad_norm):
         finite = False
-    return StepResult(float(mean), grad_norm, finite, dict(counts))
+    loss, *part_values = mean.tolist()
+    parts_mean = dict(zip(names, part_values, strict=True))
+    return StepResult(loss, grad_norm, finite, dict(counts), parts_mean)
 
 
 def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
@@ -149,7 +164,12 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     rank, world = dist.rank(), dist.world_size()
     dist.seed_everything(cfg.train.seed)  # identical projector/LoRA init on every rank
 
-    model = build_audio_llm(cfg.model, cfg.lora if cfg.use_lora else None, device=dist.device())
+    model = build_audio_llm(
+        cfg.model,
+        cfg.lora if cfg.use_lora else None,
+        device=dist.device(),
+        ctc_weight=cfg.train.ctc_weight,
+    )
     loader = build_loader(
         cfg.data,
         model,
@@ -270,6 +290,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             padded = frames["audio_frames_padded"] - frames["audio_frames"]
             metrics = {
                 "train/loss": result.loss,
+                **{f"train/{k}": v for k, v in result.parts.items()},
                 "train/lr": engine.get_lr()[0],
                 "train/grad_norm": result.grad_norm,
                 "train/bad_steps_in_row": bad_in_row,
@@ -283,7 +304,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             }
             logger.scalars(step, metrics)
             if dist.is_main():
-                shown = {"loss": result.loss, "lr": metrics["train/lr"], "gnorm": result.grad_norm}
+                shown = {"loss": result.loss, **result.parts}
+                shown |= {"lr": metrics["train/lr"], "gnorm": result.grad_norm}
                 log.info(
                     format_progress(step, cfg.train.max_steps, time.time() - began, shown, start)
                 )

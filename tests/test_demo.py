@@ -16,12 +16,15 @@ def test_small_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "audio_llm.demo", "--out", str(out), "--train-utterances", "64"]
     cmd += ["--test-utterances", "8", "--stage1-steps", "4", "--stage2-steps", "16"]
+    cmd += ["--reading-steps", "20"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
     for key in ("wer_before", "wer_after", "wer_unseen_voice", "train_seconds", "total_seconds"):
         assert summary[key] is not None, key
+    assert summary["llm_pretraining_seconds"] > 0  # reported apart from the training time
+    assert summary["reading_loss"]["last"] < summary["reading_loss"]["first"]
     assert summary["wer_after"] >= 0.0 and summary["wer_unseen_voice"] >= 0.0
     stage2 = json.loads((out / "stage2" / "summary.json").read_text())
     losses = [stage2["losses"][k] for k in sorted(stage2["losses"], key=int)]
@@ -30,3 +33,6 @@ def test_small_demo_runs_end_to_end(tmp_path):
         rows = (out / "eval" / split / "utterances.jsonl").read_text().splitlines()
         assert len(rows) == 8
     assert "WER after, seen voices" in proc.stdout
+    # the demo's recipe: both loss terms reach TensorBoard's metrics.jsonl
+    logged = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").open()]
+    assert any("train/ctc_loss" in row and "train/lm_loss" in row for row in logged)

@@ -39,21 +39,25 @@ def _measured_training_flops(model, batch: dict) -> tuple[int, dict]:
     return counter.get_total_flops(), counter.get_flop_counts()
 
 
+DEMO = {"varlen_encoder": True, "stack_factor": 4, "projector": "mlp"}
+
+
 @pytest.mark.parametrize(
-    "overrides, lora",
+    "overrides, lora, ctc",
     [
-        ({}, None),  # the seed: padded 30 s encoder, stack 1 linear, projector only
-        ({"varlen_encoder": True, "stack_factor": 4, "projector": "mlp"}, LoraConfig(rank=8)),
+        ({}, None, 0.0),  # the seed: padded 30 s encoder, stack 1 linear, projector only
+        (DEMO, LoraConfig(rank=8), 0.0),
+        ({**DEMO, "projector_context": "conv"}, LoraConfig(rank=8), 1.0),  # the demo's recipe
     ],
-    ids=["seed-stage1", "varlen-stack4-mlp-lora"],
+    ids=["seed-stage1", "varlen-stack4-mlp-lora", "conv-context-ctc"],
 )
-def test_analytic_training_flops_equal_torch_flop_counter(model_config, overrides, lora):
+def test_analytic_training_flops_equal_torch_flop_counter(model_config, overrides, lora, ctc):
     """The formulas and FlopCounterMode count the same ops (matmuls, convs; 2 per MAC), so they
     agree to rounding. The 1e-3 tolerance leaves room only for ops neither should count at real
     shapes (e.g. M-RoPE's tiny position matmul), not for a wrong multiplier: dropping the input
     gradient of frozen weights, or counting the encoder's backward, moves the total by > 10%."""
     torch.manual_seed(0)
-    model = build_audio_llm(replace(model_config, **overrides), lora)
+    model = build_audio_llm(replace(model_config, **overrides), lora, ctc_weight=ctc)
     # Eager attention: on CPU, SDPA's fused kernel is invisible to FlopCounterMode.
     model.llm.set_attn_implementation("eager")
     model.encoder.whisper.config._attn_implementation = "eager"
@@ -66,8 +70,11 @@ def test_analytic_training_flops_equal_torch_flop_counter(model_config, override
     measured, by_module = _measured_training_flops(model, batch)
     assert measured == pytest.approx(expected.total, rel=1e-3)
     assert sum(by_module["AudioLLM.encoder"].values()) == pytest.approx(expected.encoder, rel=1e-3)
+    ctc_head = 0.0  # the CTC logits are computed by AudioLLM itself, not inside the projector
+    if ctc:  # 3 rows x 150 padded positions (1200 mel -> 600 frames, stack 4), fwd + input grad
+        ctc_head = 3 * 2 * 2.0 * 150 * shape.d_llm * (shape.vocab + 1)
     assert sum(by_module["AudioLLM.projector"].values()) == pytest.approx(
-        expected.projector, rel=1e-3
+        expected.projector - ctc_head, rel=1e-3
     )
 
 

@@ -145,3 +145,53 @@ def test_regex_matching_nothing_fails_at_start(model_config):
 def test_missing_llm_folder(model_config, tmp_path):
     with pytest.raises(AudioLLMError, match="not a checkpoint folder"):
         build_audio_llm(dataclasses.replace(model_config, llm=str(tmp_path)))
+
+
+def test_ctc_loss_is_added_and_trains_projector_and_blank(model_config):
+    torch.manual_seed(0)
+    model = build_audio_llm(model_config, ctc_weight=0.5)
+    model.train()
+    batch = training_batch(model, [3000, 1700], TEXTS)
+    out = model(**batch)
+    assert torch.isfinite(out.ctc_loss) and out.ctc_loss > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.ctc_loss)
+    out.loss.backward()
+    assert model.ctc_blank.grad is not None and model.ctc_blank.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm.parameters())  # the embedding table stays frozen
+    # The CTC term alone can teach the projector to spell the transcript in embedding space.
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        ctc = model(**batch).ctc_loss
+        first = first if first is not None else ctc.item()
+        ctc.backward()
+        opt.step()
+    assert ctc.item() < 0.5 * first
+
+
+def test_ctc_targets_are_the_transcript_without_end_of_turn(model_config):
+    model = build_audio_llm(model_config, ctc_weight=1.0)
+    batch = training_batch(model, [3000], ["the red fox"])
+    captured = {}
+    original = nn.functional.ctc_loss
+
+    def spy(log_probs, targets, input_lengths, target_lengths, **kw):
+        captured.update(targets=targets, target_lengths=target_lengths, blank=kw["blank"])
+        return original(log_probs, targets, input_lengths, target_lengths, **kw)
+
+    nn.functional.ctc_loss = spy
+    try:
+        model(**batch)
+    finally:
+        nn.functional.ctc_loss = original
+    want = model.tokenizer("the red fox", add_special_tokens=False)["input_ids"]
+    assert captured["targets"].tolist() == want
+    assert captured["target_lengths"].tolist() == [len(want)]
+    assert captured["blank"] == model.llm.get_input_embeddings().num_embeddings
+
+
+def test_without_ctc_the_model_has_no_blank(model_config):
+    model = build_audio_llm(model_config)
+    out = model(**training_batch(model, [3000], ["the red fox"]))
+    assert not hasattr(model, "ctc_blank") and out.get("ctc_loss") is None

@@ -47,3 +47,41 @@ def test_save_load_round_trip_and_shape_check(tmp_path):
         AudioProjector(8, 32, stack=2, kind="mlp").load(tmp_path / "p.safetensors")
     with pytest.raises(AudioLLMError, match="do not exist"):
         again.load(tmp_path / "missing.safetensors")
+
+
+def test_conv_context_output_does_not_depend_on_batch_padding():
+    torch.manual_seed(0)
+    proj = AudioProjector(8, 16, stack=4, kind="mlp", context="conv").eval()
+    clip = torch.randn(1, 37, 8)
+    alone, _ = proj(clip, torch.tensor([37]))
+    batch = torch.randn(2, 90, 8) * 100  # garbage past the clip's end, and a longer neighbour
+    batch[0, :37] = clip[0]
+    together, lengths = proj(batch, torch.tensor([37, 90]))
+    assert lengths.tolist() == [10, 23]
+    torch.testing.assert_close(together[0, :10], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_context_sees_neighbouring_frames():
+    torch.manual_seed(0)
+    proj = AudioProjector(8, 16, stack=1, kind="linear", context="conv").eval()
+    frames = torch.randn(1, 200, 8)
+    a, _ = proj(frames, torch.tensor([200]))
+    changed = frames.clone()
+    changed[0, 100] += torch.randn(8)  # not a constant shift, which LayerNorm would remove
+    b, _ = proj(changed, torch.tensor([200]))
+    moved = (a - b).abs().sum(-1)[0] > 1e-6
+    # kernel 5 at dilations 1, 2, 4, 8: +-30 frames, and nothing beyond
+    assert moved[70:131].all() and not moved[:70].any() and not moved[131:].any()
+
+
+def test_context_kind_is_part_of_the_saved_shape(tmp_path):
+    proj = AudioProjector(8, 16, stack=2, kind="mlp", context="conv")
+    proj.save(tmp_path / "p.safetensors")
+    again = AudioProjector(8, 16, stack=2, kind="mlp", context="conv")
+    again.load(tmp_path / "p.safetensors")
+    for key, value in proj.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+    with pytest.raises(AudioLLMError, match="context=none"):
+        AudioProjector(8, 16, stack=2, kind="mlp").load(tmp_path / "p.safetensors")
+    with pytest.raises(AudioLLMError, match="projector_context must be"):
+        AudioProjector(8, 16, context="gru")

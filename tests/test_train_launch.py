@@ -124,18 +124,37 @@ def test_stage1_trains_checkpoints_exports_and_logs(stage1_run):
     assert len(events.Scalars("train/loss")) == 12
 
 
-@pytest.mark.parametrize("ds_config", ["ds_configs/zero2.json", "ds_configs/zero3.json"])
-def test_stage2_lora_export_loads_with_stock_peft(stage1_run, tiny_models, tmp_path, ds_config):
+@pytest.mark.parametrize(
+    "ds_config, extra",
+    [
+        ("ds_configs/zero2.json", []),
+        # ZeRO-3 partitions the embedding table the CTC head reads: it must be gathered
+        ("ds_configs/zero3.json", ["train.ctc_weight=0.5"]),
+    ],
+    ids=["zero2", "zero3-ctc"],
+)
+def test_stage2_lora_export_loads_with_stock_peft(
+    stage1_run, tiny_models, tmp_path, ds_config, extra
+):
     out = tmp_path / "stage2"
     projector = stage1_run / "export" / "projector.safetensors"
     wer_every_3 = [f"data.eval_shards={SHARDS}", "eval.every=3", "eval.limit=4"]
     wer_every_3 += ["eval.max_new_tokens=4", "eval.batch_size=2"]
     launch(
         2,
-        [*common(tiny_models, out, steps=6), f"model.projector_init={projector}", *wer_every_3],
+        [
+            *common(tiny_models, out, steps=6),
+            f"model.projector_init={projector}",
+            *wer_every_3,
+            *extra,
+        ],
         ds_config=ds_config,
     )
     summary = json.loads((out / "summary.json").read_text())
+    if extra:
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        ctc = [row["train/ctc_loss"] for row in logged if "train/ctc_loss" in row]
+        assert ctc and all(0 < value < float("inf") for value in ctc)
     assert len(set(summary["parameter_digests"])) == 1
     assert sorted(summary["eval_wer"], key=int) == ["3", "6"]  # WER during training, ZeRO-3 too
     assert all(w is not None and w >= 0 for w in summary["eval_wer"].values())

@@ -1,0 +1,153 @@
+"""Text-only "reading" pretraining: a stand-in for what a real pretrained LLM brings.
+
+A real Qwen2-VL already turns embeddings at placeholder positions (image patches) into text. A
+tiny random LLM knows nothing, and LoRA on top of nothing stays at the text prior. So before the
+demo trains anything on audio, `teach_reading` trains the tiny LLM (all weights, no audio) to
+read back a transcript from a noisy, stretched copy of its own token embeddings written at the
+audio placeholders, in the same chat-templated prompt layout the audio runs use:
+
+- each token is repeated 1-5 times (audio positions outnumber tokens and vary in rate),
+- empty runs (zero vectors) are inserted between tokens, like silence or CTC blanks, and always
+  between two equal tokens, so a long run means one token, as CTC's own convention has it,
+- Gaussian noise of `noise` x the embedding spread is added everywhere.
+
+Sentences are random sequences of the embedded word list (the tokenizer's own training words, a
+superset of the demo's vocabulary): the model learns to read, not any particular test sentence.
+After this the model is saved in place, through `save_pretrained`, and loads like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+from audio_llm.config import DEFAULT_AUDIO_TOKEN
+from audio_llm.errors import AudioLLMError
+from audio_llm.text import IGNORE_INDEX, PromptBuilder
+from audio_llm.tiny import vocabulary
+
+
+@dataclass(frozen=True)
+class ReadingSpec:
+    steps: int = 700
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    max_repeat: int = 5
+    blank_prob: float = 0.3
+    noise: float = 0.7
+    min_words: int = 1
+    max_words: int = 12
+    prompt: str = "Read the text."
+    seed: int = 0
+
+
+def _example(
+    rng: random.Random, words: list[str], prompts: PromptBuilder, spec: ReadingSpec
+) -> tuple[list[int], list[int], list[int]]:
+    """(source token ids with -1 for a blank position, input ids, labels) for one sentence."""
+    text = " ".join(rng.choices(words, k=rng.randint(spec.min_words, spec.max_words)))
+    source: list[int] = []
+    for token in prompts.tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if source and source[-1] == token:  # as in CTC: a blank always separates a repeat
+            source += [-1] * rng.randint(1, 3)
+        source += [token] * rng.randint(1, spec.max_repeat)
+        if rng.random() < spec.blank_prob:
+            source += [-1] * rng.randint(1, 3)
+    example = prompts.example(len(source), text, spec.prompt)
+    return source, example.input_ids, example.labels
+
+
+def teach_reading(
+    llm_dir: str | Path, spec: ReadingSpec | None = None, log_every: int = 100
+) -> list[float]:
+    """Train the checkpoint at `llm_dir` to read (see module doc) and save it back in place.
+
+    Returns the mean loss of each `log_every` interval. CPU, float32, one process.
+    """
+    spec = spec or ReadingSpec()
+    llm_dir = Path(llm_dir)
+    if not (llm_dir / "config.json").is_file():
+        raise AudioLLMError(f"{llm_dir} is not a checkpoint folder (no config.json)")
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    llm = Qwen2VLForConditionalGeneration.from_pretrained(llm_dir, dtype=torch.float32)
+    prompts = PromptBuilder(tokenizer, DEFAULT_AUDIO_TOKEN, spec.prompt)
+    words = vocabulary()
+    table = llm.get_input_embeddings()
+    pad = tokenizer.pad_token_id
+    opt = torch.optim.AdamW(llm.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / spec.warmup) * max(0.05, 1 - s / spec.steps),
+    )
+    llm.train()
+    history, running, began = [], 0.0, time.time()
+    for step in range(1, spec.steps + 1):
+        batch = [_example(rng, words, prompts, spec) for _ in range(spec.batch_size)]
+        width = max(len(ids) for _, ids, _ in batch)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for _, i, _ in batch])
+        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, _, lab in batch])
+        mask = torch.arange(width)[None] < torch.tensor([len(i) for _, i, _ in batch])[:, None]
+        sources = torch.tensor([t for src, _, _ in batch for t in src])
+        with torch.no_grad():
+            scale = table.weight.std()
+        vectors = table(sources.clamp(min=0)) * (sources >= 0)[:, None]
+        vectors = vectors + torch.randn_like(vectors) * scale * spec.noise
+        embeds = table(ids)
+        at_audio = (ids == prompts.audio_token_id)[..., None]
+        embeds = embeds.masked_scatter(at_audio, vectors)
+        loss = llm(inputs_embeds=embeds, attention_mask=mask.long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        running += loss.item()
+        if step % log_every == 0 or step == spec.steps:
+            history.append(running / (step - (step - 1) // log_every * log_every))
+            took = time.time() - began
+            print(
+                f"reading step {step}/{spec.steps} loss {history[-1]:.3f} ({took:.0f} s)",
+                flush=True,
+            )
+            running = 0.0
+    llm.eval()
+    tmp = llm_dir.with_name(llm_dir.name + ".reading-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for extra in ("generation_config.json",):
+        if (llm_dir / extra).is_file() and not (tmp / extra).is_file():
+            shutil.copy2(llm_dir / extra, tmp / extra)
+    old = llm_dir.with_name(llm_dir.name + ".reading-old")
+    shutil.rmtree(old, ignore_errors=True)
+    llm_dir.rename(old)
+    tmp.rename(llm_dir)
+    shutil.rmtree(old)
+    return history
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "teach-reading",
+        help="text-only pretraining of a tiny LLM to read embeddings at audio placeholders",
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    p.add_argument("llm", help="Qwen2-VL checkpoint folder (rewritten in place)")
+    p.add_argument("--steps", type=int, default=ReadingSpec.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    teach_reading(args.llm, ReadingSpec(steps=args.steps, seed=args.seed))
+    return 0
