@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         default=ReadingSpec.steps,
         help="text-only reading pretraining of the tiny LLM (the stand-in for a pretrained LLM)",
     )
-    parser.add_argument("--fresh", action="store_true", help="rebuild corpus and shards too")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="rebuild everything: tiny models + reading pretraining, corpus, shards",
+    )
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve()
     logs = out / "logs"
@@ -80,19 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
 
     print("== 1/6 tiny checkpoints (save_pretrained, loaded back with from_pretrained)")
-    t = time.time()
-    models = write_tiny_models(out / "tiny", seed=args.seed, spec=DEMO_MODELS)
-    times["models"] = time.time() - t
-    # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
-    print(f"   reading pretraining of the tiny LLM, {args.reading_steps} steps, text only")
-    t = time.time()
-    reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
-    reading_loss = [float("nan")]
-    if reading.steps > 0:
-        torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
-        every = max(1, reading.steps // 5)
-        reading_loss = teach_reading(models["qwen2vl"], reading, log_every=every)
-    times["llm_pretraining"] = time.time() - t
+    models, built = _tiny_models(out / "tiny", args)
+    times["models"], times["llm_pretraining"] = built["models_seconds"], built["reading_seconds"]
+    reading_loss = built["reading_loss"]
 
     print("== 2/6 spoken corpus (espeak-ng: 8 voices + 1 unseen, 130-200 wpm, gain/noise)")
     t = time.time()
@@ -206,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         "phase_seconds": {k: round(v, 1) for k, v in times.items()},
         "steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps},
         "final_loss": {"stage1": _last(s1["losses"]), "stage2": _last(s2["losses"])},
-        "reading_loss": {"first": reading_loss[0], "last": reading_loss[-1]},
+        "reading_loss": reading_loss,
+        "llm_pretraining_reused": built["reused"],
         "corpus": {"train": spec.train, "test": spec.test, "words": spec.words},
         "seed": args.seed,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    partial = out / "summary.json.tmp"  # never half a summary: write, then rename
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    partial.replace(out / "summary.json")
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -221,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"WER after, unseen voice ({spec.unseen_voice}): {pct(summary['wer_unseen_voice'])}")
     steps = f"stage 1 {args.stage1_steps}, stage 2 {args.stage2_steps}"
     print(f"steps: {steps}; training {train_seconds:.0f} s")
+    again = ", built by an earlier run and reused" if built["reused"] else ""
     print(
         f"(plus {times['llm_pretraining']:.0f} s of text-only reading pretraining of the tiny LLM, "
-        "the stand-in for downloading a pretrained one)"
+        f"the stand-in for downloading a pretrained one{again})"
     )
     print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(f"summary: {out / 'summary.json'}")
@@ -231,6 +230,46 @@ def main(argv: list[str] | None = None) -> int:
     example = corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
     print(f"try it: {_bin('audio-llm')} transcribe --run {stage2} {example}")
     return 0
+
+
+def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Write the tiny checkpoints and teach the LLM to read, or reuse a matching earlier build.
+
+    Reading pretraining (a few minutes) is the stand-in for downloading a pretrained LLM, so like
+    a download it is done once: `folder/built.json` records what was built, from what settings,
+    and how long it took; `--fresh` or any change of settings builds again.
+    """
+    paths = {"whisper": folder / "whisper", "qwen2vl": folder / "qwen2vl"}
+    reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
+    settings = {"models": asdict(DEMO_MODELS), "seed": args.seed, "reading": asdict(reading)}
+    marker = folder / "built.json"
+    if not args.fresh and marker.is_file():
+        built = json.loads(marker.read_text())
+        if built.get("settings") == json.loads(json.dumps(settings)):
+            took = built["models_seconds"] + built["reading_seconds"]
+            print(f"   reusing {folder}: built {took:.0f} s earlier with these settings (--fresh)")
+            return paths, {**built, "reused": True}
+    marker.unlink(missing_ok=True)
+    t = time.time()
+    write_tiny_models(folder, seed=args.seed, spec=DEMO_MODELS)
+    models_seconds = time.time() - t
+    # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
+    print(f"   reading pretraining of the tiny LLM, {reading.steps} steps, text only")
+    t = time.time()
+    loss = [float("nan")]
+    if reading.steps > 0:
+        torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
+        loss = teach_reading(paths["qwen2vl"], reading, log_every=max(1, reading.steps // 5))
+    built = {
+        "settings": settings,
+        "models_seconds": round(models_seconds, 1),
+        "reading_seconds": round(time.time() - t, 1),
+        "reading_loss": {"first": loss[0], "last": loss[-1]},
+    }
+    partial = marker.with_suffix(".tmp")  # written last, and whole: its presence means complete
+    partial.write_text(json.dumps(built, indent=2) + "\n")
+    partial.replace(marker)
+    return paths, {**built, "reused": False}
 
 
 def _packed_varlen(index: Path) -> bool:

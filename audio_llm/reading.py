@@ -36,7 +36,7 @@ from audio_llm.tiny import vocabulary
 
 @dataclass(frozen=True)
 class ReadingSpec:
-    steps: int = 700
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 50

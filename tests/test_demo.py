@@ -36,3 +36,21 @@ def test_small_demo_runs_end_to_end(tmp_path):
     # the demo's recipe: both loss terms reach TensorBoard's metrics.jsonl
     logged = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").open()]
     assert any("train/ctc_loss" in row and "train/lm_loss" in row for row in logged)
+
+
+def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path):
+    import argparse
+
+    from audio_llm.demo import _tiny_models
+
+    args = argparse.Namespace(reading_steps=3, seed=0, fresh=False)
+    paths, first = _tiny_models(tmp_path / "tiny", args)
+    assert not first["reused"] and (paths["qwen2vl"] / "config.json").is_file()
+    stamp = (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns
+    _, again = _tiny_models(tmp_path / "tiny", args)
+    assert again["reused"] and again["reading_seconds"] == first["reading_seconds"]
+    assert (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns == stamp
+    _, changed = _tiny_models(tmp_path / "tiny", argparse.Namespace(**{**vars(args), "seed": 1}))
+    assert not changed["reused"]
+    _, fresh = _tiny_models(tmp_path / "tiny", argparse.Namespace(**{**vars(args), "fresh": True}))
+    assert not fresh["reused"]

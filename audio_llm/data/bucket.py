@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+# (budgeted length, sort key: one number or a tuple of parts, item)
+Entry = tuple[float, float | tuple[float, ...], T]
 SORT_JITTER = 0.05  # relative noise on the sort key: varies neighbours, costs ~1% padding
 # Share of the budget a bucketed batch is taken to fill when estimating quotas. 0.8 covered every
 # duration mix tried (LibriSpeech-, Common-Voice-like, uniform, bimodal; batch 8-128, budget
@@ -72,7 +74,7 @@ def bucket_batches(
     capacity = max(buffer_size, batch_size)
     key = sort_key or length
     ascending = rng.random() < 0.5
-    buffer: list[tuple[float, float | tuple[float, ...], T]] = []
+    buffer: list[Entry] = []
     read = sent = 0
     for item in items:
         read += 1
@@ -100,12 +102,12 @@ def bucket_batches(
 
 
 def _cut(
-    buffer: list[tuple[float, float, T]],
+    buffer: list[Entry],
     batch_size: int,
     budget: float,
     rng: random.Random,
     ascending: bool,
-) -> tuple[list[list[T]], list[tuple[float, float, T]]]:
+) -> tuple[list[list[T]], list[Entry]]:
     """Greedy cut of the (jittered) sorted buffer: the full batches, and the entries of the last
     batch if it could still take more items (else it is among the full ones)."""
     keys = _joint_keys([entry[1] for entry in buffer])
@@ -113,7 +115,7 @@ def _cut(
     keyed = [(k * j, e) for k, j, e in zip(keys, jitter, buffer, strict=True)]
     keyed.sort(key=lambda pair: pair[0], reverse=not ascending)
     full: list[list[T]] = []
-    current: list[tuple[float, float, T]] = []
+    current: list[Entry] = []
     longest = 0.0
     for _, entry in keyed:
         widest = max(longest, entry[0])
@@ -138,7 +140,7 @@ def _joint_keys(values: list) -> list[float]:
     return [sum(v / m for v, m in zip(parts, means, strict=True)) for parts in values]
 
 
-def _is_full(batch: list[tuple[float, float, T]], batch_size: int, budget: float) -> bool:
+def _is_full(batch: list[Entry], batch_size: int, budget: float) -> bool:
     """No further item, whatever its length, could join `batch`."""
     if len(batch) >= batch_size:
         return True
