@@ -125,9 +125,6 @@ def teach_reading(
     shutil.rmtree(tmp, ignore_errors=True)
     llm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for extra in ("generation_config.json",):
-        if (llm_dir / extra).is_file() and not (tmp / extra).is_file():
-            shutil.copy2(llm_dir / extra, tmp / extra)
     old = llm_dir.with_name(llm_dir.name + ".reading-old")
     shutil.rmtree(old, ignore_errors=True)
     llm_dir.rename(old)
