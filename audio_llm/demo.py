@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from audio_llm.dist import free_port
+from audio_llm.encoder import encoder_identity, load_whisper_encoder
 from audio_llm.reading import ReadingSpec, teach_reading
 from audio_llm.speech import CorpusSpec, corpus_matches, make_corpus
-from audio_llm.tiny import TinySpec, write_tiny_models
+from audio_llm.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODELS = TinySpec(
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-utterances", type=int, default=12000)
     parser.add_argument("--test-utterances", type=int, default=200)
     parser.add_argument("--stage1-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=1300)
+    parser.add_argument("--stage2-steps", type=int, default=1200)
     parser.add_argument("--stage2-lr", type=float, default=3e-3)
     parser.add_argument(
         "--reading-steps",
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     shards = out / "shards"
     for split in SPLITS:
-        index = shards / split / "index.json"
-        if not rebuilt and index.is_file() and _packed_varlen(index):
+        if not rebuilt and _shards_match(shards / split / "index.json", models["whisper"]):
             continue
         cmd = [_bin("audio-llm"), "pack", "--input", str(corpus / split / "manifest.jsonl")]
         cmd += [
@@ -237,44 +237,72 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
 
     Reading pretraining (a few minutes) is the stand-in for downloading a pretrained LLM, so like
     a download it is done once: `folder/built.json` records what was built, from what settings,
-    and how long it took; `--fresh` or any change of settings builds again.
+    and how long it took. Whisper and the LLM are kept or rebuilt separately, each when its own
+    settings change (a new encoder does not cost a new reading pretraining); `--fresh` rebuilds.
     """
     paths = {"whisper": folder / "whisper", "qwen2vl": folder / "qwen2vl"}
     reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
-    settings = {"models": asdict(DEMO_MODELS), "seed": args.seed, "reading": asdict(reading)}
-    marker = folder / "built.json"
-    if not args.fresh and marker.is_file():
-        built = json.loads(marker.read_text())
-        if built.get("settings") == json.loads(json.dumps(settings)):
-            took = built["models_seconds"] + built["reading_seconds"]
-            print(f"   reusing {folder}: built {took:.0f} s earlier with these settings (--fresh)")
-            return paths, {**built, "reused": True}
-    marker.unlink(missing_ok=True)
-    t = time.time()
-    write_tiny_models(folder, seed=args.seed, spec=DEMO_MODELS)
-    models_seconds = time.time() - t
-    # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
-    print(f"   reading pretraining of the tiny LLM, {reading.steps} steps, text only")
-    t = time.time()
-    loss = [float("nan")]
-    if reading.steps > 0:
-        torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
-        loss = teach_reading(paths["qwen2vl"], reading, log_every=max(1, reading.steps // 5))
-    built = {
-        "settings": settings,
-        "models_seconds": round(models_seconds, 1),
-        "reading_seconds": round(time.time() - t, 1),
-        "reading_loss": {"first": loss[0], "last": loss[-1]},
+    models = asdict(DEMO_MODELS)
+    wanted = {
+        "whisper": {"models": models, "seed": args.seed, "passthrough": WHISPER_PASSTHROUGH},
+        "qwen2vl": {"models": models, "seed": args.seed, "reading": asdict(reading)},
     }
-    partial = marker.with_suffix(".tmp")  # written last, and whole: its presence means complete
-    partial.write_text(json.dumps(built, indent=2) + "\n")
-    partial.replace(marker)
-    return paths, {**built, "reused": False}
+    wanted = json.loads(json.dumps(wanted))  # the form it takes in built.json
+    marker = folder / "built.json"
+    before = {} if args.fresh or not marker.is_file() else json.loads(marker.read_text())
+    # A part is reused only if built.json says it was completed with these settings.
+    kept = {
+        part: before["parts"][part]
+        for part in wanted
+        if before.get("parts", {}).get(part, {}).get("settings") == wanted[part]
+    }
+    built = {"parts": dict(kept)}
+    if "whisper" not in kept:
+        t = time.time()
+        write_tiny_whisper(paths["whisper"], seed=args.seed, spec=DEMO_MODELS)
+        built["parts"]["whisper"] = {
+            "settings": wanted["whisper"],
+            "seconds": round(time.time() - t, 1),
+        }
+    if "qwen2vl" not in kept:
+        t = time.time()
+        write_tiny_llm(paths["qwen2vl"], seed=args.seed, spec=DEMO_MODELS)
+        models_seconds = time.time() - t
+        # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
+        print(f"   reading pretraining of the tiny LLM, {reading.steps} steps, text only")
+        t = time.time()
+        loss = [float("nan")]
+        if reading.steps > 0:
+            torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
+            loss = teach_reading(paths["qwen2vl"], reading, log_every=max(1, reading.steps // 5))
+        built["parts"]["qwen2vl"] = {
+            "settings": wanted["qwen2vl"],
+            "seconds": round(models_seconds, 1),
+            "reading_seconds": round(time.time() - t, 1),
+            "reading_loss": {"first": loss[0], "last": loss[-1]},
+        }
+    for part in kept:
+        print(f"   reusing {paths[part]}: built earlier with these settings (--fresh rebuilds)")
+    if len(kept) < len(wanted):
+        partial = marker.with_suffix(".tmp")  # written whole, after the parts it describes
+        partial.write_text(json.dumps(built, indent=2) + "\n")
+        partial.replace(marker)
+    llm = built["parts"]["qwen2vl"]
+    return paths, {
+        "models_seconds": round(built["parts"]["whisper"]["seconds"] + llm["seconds"], 1),
+        "reading_seconds": llm["reading_seconds"],
+        "reading_loss": llm["reading_loss"],
+        "reused": "qwen2vl" in kept,
+    }
 
 
-def _packed_varlen(index: Path) -> bool:
-    """Shards from an earlier demo run that used the 30 s window are packed again."""
-    return bool((json.loads(index.read_text()).get("encoder") or {}).get("varlen"))
+def _shards_match(index: Path, whisper: Path) -> bool:
+    """Shards are reused only if packed varlen by this very encoder (its weight fingerprint)."""
+    if not index.is_file():
+        return False
+    packed = json.loads(index.read_text()).get("encoder") or {}
+    wanted = encoder_identity(load_whisper_encoder(whisper), whisper, varlen=True)
+    return all(packed.get(k) == v for k, v in wanted.items() if k != "name_or_path")
 
 
 def _last(losses: dict) -> float | None:

@@ -2,7 +2,8 @@
 
 `audio-llm tiny --out DIR` writes DIR/whisper and DIR/qwen2vl with `save_pretrained`, so every
 later step loads them through the same `from_pretrained` code that loads the real 7B models.
-Everything is derived from the seed: same seed, same bytes.
+Everything is derived from the seed: same seed, same bytes. The random Whisper's residual branches
+and positions are scaled down (`WHISPER_PASSTHROUGH`) so that, frozen, it passes the audio on.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def whisper_config(spec: TinySpec) -> WhisperConfig:
         decoder_start_token_id=1,
         begin_suppress_tokens=None,
         # 1/sqrt(width) rather than 0.02: at 0.02 a random tiny encoder's conv features are
-        # ~2% of its output (the sinusoidal positions dominate); at this scale about a quarter.
+        # ~2% of its output (the sinusoidal positions dominate); at this scale about a quarter,
+        # and most of it once write_tiny_whisper scales the positions (WHISPER_PASSTHROUGH).
         init_std=spec.whisper_d_model**-0.5,
     )
 
@@ -183,17 +185,35 @@ def qwen2vl_config(spec: TinySpec, tokenizer: Qwen2Tokenizer) -> Qwen2VLConfig:
     )
 
 
-def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> dict:
-    """Write DIR/whisper and DIR/qwen2vl; returns their paths. Deterministic per seed."""
-    spec = spec or TinySpec()
-    out = Path(out_dir)
-    paths = {"whisper": out / "whisper", "qwen2vl": out / "qwen2vl"}
+# A frozen random encoder is only useful if it does not scramble its input; a pretrained one is
+# useful because it was trained. Scaling the random layers' residual branches (attention and MLP
+# output projections) and the sinusoidal positions by this factor makes the tiny Whisper pass its
+# conv features through, perturbed rather than overwritten. Measured on the demo corpus (greedy
+# CTC from a small conv net on the frozen outputs, 500 steps): 13% WER at 0.1, 11% with no
+# layers or positions at all, 28% with the positions at full scale, 98% at full scale (1.0).
+WHISPER_PASSTHROUGH = 0.1
 
+
+def write_tiny_whisper(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Write a tiny Whisper seq2seq checkpoint + feature extractor to `out_dir`; deterministic."""
+    spec = spec or TinySpec()
     torch.manual_seed(seed)
     whisper = WhisperForConditionalGeneration(whisper_config(spec))
-    whisper.save_pretrained(paths["whisper"])
-    WhisperFeatureExtractor(feature_size=spec.n_mels).save_pretrained(paths["whisper"])
+    encoder = whisper.model.encoder
+    with torch.no_grad():
+        encoder.embed_positions.weight.mul_(WHISPER_PASSTHROUGH)
+        for layer in encoder.layers:
+            for branch_out in (layer.self_attn.out_proj, layer.fc2):
+                branch_out.weight.mul_(WHISPER_PASSTHROUGH)
+                branch_out.bias.mul_(WHISPER_PASSTHROUGH)
+    whisper.save_pretrained(out_dir)
+    WhisperFeatureExtractor(feature_size=spec.n_mels).save_pretrained(out_dir)
+    return Path(out_dir)
 
+
+def write_tiny_llm(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Write a tiny Qwen2-VL checkpoint + BPE tokenizer to `out_dir`; deterministic."""
+    spec = spec or TinySpec()
     tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
     config = qwen2vl_config(spec, tokenizer)
     torch.manual_seed(seed + 1)
@@ -203,9 +223,18 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None 
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    llm.save_pretrained(paths["qwen2vl"])
-    tokenizer.save_pretrained(paths["qwen2vl"])
-    return paths
+    llm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> dict:
+    """Write DIR/whisper and DIR/qwen2vl; returns their paths. Deterministic per seed."""
+    out = Path(out_dir)
+    return {
+        "whisper": write_tiny_whisper(out / "whisper", seed, spec),
+        "qwen2vl": write_tiny_llm(out / "qwen2vl", seed, spec),
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -215,7 +244,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write OUT/whisper (Whisper seq2seq checkpoint + feature extractor) and OUT/qwen2vl "
             "(Qwen2-VL model + BPE tokenizer with Qwen2-VL special tokens and chat template), "
-            "randomly initialised from SEED. Point model.encoder / model.llm at them."
+            "randomly initialised from SEED (Whisper's random layers scaled to pass the audio "
+            "through, see WHISPER_PASSTHROUGH). Point model.encoder / model.llm at them."
         ),
     )
     p.add_argument("--out", required=True, help="output folder")

@@ -38,7 +38,7 @@ def test_small_demo_runs_end_to_end(tmp_path):
     assert any("train/ctc_loss" in row and "train/lm_loss" in row for row in logged)
 
 
-def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path):
+def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatch):
     import argparse
 
     from audio_llm.demo import _tiny_models
@@ -50,7 +50,30 @@ def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path):
     _, again = _tiny_models(tmp_path / "tiny", args)
     assert again["reused"] and again["reading_seconds"] == first["reading_seconds"]
     assert (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns == stamp
+    # a new encoder setting rebuilds Whisper only: no second reading pretraining
+    whisper_stamp = (paths["whisper"] / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr("audio_llm.demo.WHISPER_PASSTHROUGH", 0.5)
+    _, encoder_only = _tiny_models(tmp_path / "tiny", args)
+    assert encoder_only["reused"]
+    assert (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (paths["whisper"] / "model.safetensors").stat().st_mtime_ns != whisper_stamp
     _, changed = _tiny_models(tmp_path / "tiny", argparse.Namespace(**{**vars(args), "seed": 1}))
     assert not changed["reused"]
     _, fresh = _tiny_models(tmp_path / "tiny", argparse.Namespace(**{**vars(args), "fresh": True}))
     assert not fresh["reused"]
+
+
+def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
+    from audio_llm.demo import _shards_match
+    from audio_llm.encoder import encoder_identity, load_whisper_encoder
+
+    index = tmp_path / "index.json"
+    assert not _shards_match(index, tiny_models["whisper"])  # nothing packed yet
+    whisper = load_whisper_encoder(tiny_models["whisper"])
+    identity = encoder_identity(whisper, "packed/elsewhere", varlen=True)
+    index.write_text(json.dumps({"encoder": identity}))
+    assert _shards_match(index, tiny_models["whisper"])  # the path it was packed from may differ
+    index.write_text(json.dumps({"encoder": {**identity, "weights_sha256": "0" * 16}}))
+    assert not _shards_match(index, tiny_models["whisper"])  # another encoder's outputs
+    index.write_text(json.dumps({"encoder": {**identity, "varlen": False}}))
+    assert not _shards_match(index, tiny_models["whisper"])  # the 30 s window

@@ -73,3 +73,20 @@ def test_cli_writes_both_folders(tmp_path, capsys):
     assert (tmp_path / "qwen2vl" / "tokenizer.json").is_file()
     llm = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "qwen2vl")
     assert llm.config.text_config.num_hidden_layers == 1
+
+
+def test_frozen_random_whisper_passes_its_conv_features_through(tiny_models):
+    """The tiny encoder stands in for a pretrained one, so its random layers must not scramble
+    the audio: its output frames stay close to (layer-normed) conv features. At full-scale
+    random init (WHISPER_PASSTHROUGH = 1) the mean cosine here is about 0.25."""
+    from audio_llm.encoder import AudioEncoder, load_whisper_encoder
+
+    whisper = load_whisper_encoder(tiny_models["whisper"])
+    torch.manual_seed(0)
+    mel = torch.randn(1, whisper.config.num_mel_bins, 400) * 0.5
+    with torch.no_grad():
+        conv = torch.nn.functional.gelu(whisper.conv1(mel))
+        conv = torch.nn.functional.gelu(whisper.conv2(conv)).transpose(1, 2)
+        out, _ = AudioEncoder(whisper, varlen=True)(mel, torch.tensor([400]))
+    ref = torch.nn.functional.layer_norm(conv, conv.shape[-1:])
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean() > 0.8
