@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     print("== 3/6 audio-llm pack --mode encoder --varlen-encoder (frozen encoder outputs, once)")
     t = time.time()
     shards = out / "shards"
+    whisper = load_whisper_encoder(models["whisper"])
+    identity = encoder_identity(whisper, models["whisper"], varlen=True)
     for split in SPLITS:
-        if not rebuilt and _shards_match(shards / split / "index.json", models["whisper"]):
+        if not rebuilt and _shards_match(shards / split / "index.json", identity):
             continue
         cmd = [_bin("audio-llm"), "pack", "--input", str(corpus / split / "manifest.jsonl")]
         cmd += [
@@ -296,13 +298,14 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     }
 
 
-def _shards_match(index: Path, whisper: Path) -> bool:
-    """Shards are reused only if packed varlen by this very encoder (its weight fingerprint)."""
+def _shards_match(index: Path, identity: dict) -> bool:
+    """Shards are reused only if packed by this very encoder, run the same way: `identity` is
+    its `encoder_identity` (shape, varlen, weight fingerprint); the folder it was packed from
+    may differ."""
     if not index.is_file():
         return False
     packed = json.loads(index.read_text()).get("encoder") or {}
-    wanted = encoder_identity(load_whisper_encoder(whisper), whisper, varlen=True)
-    return all(packed.get(k) == v for k, v in wanted.items() if k != "name_or_path")
+    return all(packed.get(k) == v for k, v in identity.items() if k != "name_or_path")
 
 
 def _last(losses: dict) -> float | None:

@@ -67,13 +67,14 @@ def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
     from audio_llm.demo import _shards_match
     from audio_llm.encoder import encoder_identity, load_whisper_encoder
 
-    index = tmp_path / "index.json"
-    assert not _shards_match(index, tiny_models["whisper"])  # nothing packed yet
     whisper = load_whisper_encoder(tiny_models["whisper"])
-    identity = encoder_identity(whisper, "packed/elsewhere", varlen=True)
-    index.write_text(json.dumps({"encoder": identity}))
-    assert _shards_match(index, tiny_models["whisper"])  # the path it was packed from may differ
-    index.write_text(json.dumps({"encoder": {**identity, "weights_sha256": "0" * 16}}))
-    assert not _shards_match(index, tiny_models["whisper"])  # another encoder's outputs
-    index.write_text(json.dumps({"encoder": {**identity, "varlen": False}}))
-    assert not _shards_match(index, tiny_models["whisper"])  # the 30 s window
+    wanted = encoder_identity(whisper, tiny_models["whisper"], varlen=True)
+    index = tmp_path / "index.json"
+    assert not _shards_match(index, wanted)  # nothing packed yet
+    packed = encoder_identity(whisper, "packed/elsewhere", varlen=True)
+    index.write_text(json.dumps({"encoder": packed}))
+    assert _shards_match(index, wanted)  # the path it was packed from may differ
+    index.write_text(json.dumps({"encoder": {**packed, "weights_sha256": "0" * 16}}))
+    assert not _shards_match(index, wanted)  # another encoder's outputs
+    index.write_text(json.dumps({"encoder": {**packed, "varlen": False}}))
+    assert not _shards_match(index, wanted)  # the 30 s window
