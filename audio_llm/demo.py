@@ -21,6 +21,7 @@ import torch
 
 from audio_llm.dist import free_port
 from audio_llm.encoder import encoder_identity, load_whisper_encoder
+from audio_llm.pack import atomic_write_bytes
 from audio_llm.reading import ReadingSpec, teach_reading
 from audio_llm.speech import CorpusSpec, corpus_matches, make_corpus
 from audio_llm.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
@@ -208,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": {"train": spec.train, "test": spec.test, "words": spec.words},
         "seed": args.seed,
     }
-    partial = out / "summary.json.tmp"  # never half a summary: write, then rename
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    partial.replace(out / "summary.json")
+    # never half a summary: written to a temp file, then renamed
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -286,9 +286,8 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     for part in kept:
         print(f"   reusing {paths[part]}: built earlier with these settings (--fresh rebuilds)")
     if len(kept) < len(wanted):
-        partial = marker.with_suffix(".tmp")  # written whole, after the parts it describes
-        partial.write_text(json.dumps(built, indent=2) + "\n")
-        partial.replace(marker)
+        # written whole, after the parts it describes
+        atomic_write_bytes(marker, (json.dumps(built, indent=2) + "\n").encode())
     llm = built["parts"]["qwen2vl"]
     return paths, {
         "models_seconds": round(built["parts"]["whisper"]["seconds"] + llm["seconds"], 1),
