@@ -129,12 +129,30 @@ class DataConfig:
         "compute it batched on the training device (for nodes with few CPU cores per GPU). "
         "Mel and encoder shards carry precomputed features and ignore it.",
     )
+    time_masks: int = opt(
+        0,
+        "SpecAugment: time spans masked per training clip, on log-mel (audio/mel shards) or on "
+        "encoder frames (encoder shards); 0 = off. Not with features_on=device.",
+    )
+    time_mask_seconds: float = opt(0.1, "Longest time mask, in seconds (widths uniform from 0).")
+    feature_masks: int = opt(
+        0, "SpecAugment: bands of mel bins / encoder channels masked per training clip; 0 = off."
+    )
+    feature_mask_fraction: float = opt(
+        0.1, "Widest feature mask, as a fraction of the channels (widths uniform from 0)."
+    )
     seed: int = opt(0, "Seeds shard order, shuffling and augmentation (with epoch, rank, worker).")
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.max_length >= 16, f"data.max_length must be >= 16 (got {self.max_length})")
+        _check(
+            self.time_masks >= 0 and self.feature_masks >= 0,
+            "data.time_masks/feature_masks must be >= 0",
+        )
+        _check(self.time_mask_seconds >= 0, "data.time_mask_seconds must be >= 0")
+        _check(0 <= self.feature_mask_fraction <= 1, "data.feature_mask_fraction must be in [0, 1]")
         budget = self.max_batch_seconds
         _check(
             budget == 0 or self.bucket_by_length,

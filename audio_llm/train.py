@@ -279,7 +279,10 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         losses[step] = result.loss
         interval_flops += result.counts.get("flops", 0.0)
         audio_frames.update(
-            {k: result.counts.get(k, 0) for k in ("audio_frames", "audio_frames_padded")}
+            {
+                k: result.counts.get(k, 0)
+                for k in ("audio_frames", "audio_frames_padded", "masked_frames")
+            }
         )
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             skew = step_time_skew(step_s)  # a collective: same steps on every rank
@@ -298,6 +301,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 **{f"perf/{k}": v for k, v in timer.rates().items()},
                 **{f"perf/{k}": v for k, v in achieved.items()},
                 "perf/audio_padding_ratio": padded / max(frames["audio_frames_padded"], 1),
+                # SpecAugment time masks: the share of valid frames the model did not see
+                "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
                 **{f"perf/{k}": v for k, v in skew.items()},
                 **{f"data/{k}": v for k, v in loader.problems.items()},
                 **_memory(),

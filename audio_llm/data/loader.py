@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from audio_llm.config import DataConfig
+from audio_llm.data.augment import SpecAugment
 from audio_llm.data.collate import model_collator
 from audio_llm.data.shards import ShardSet
 from audio_llm.data.stream import ShardLoader, ShardStream
@@ -68,5 +69,8 @@ def build_loader(
         long_audio=cfg.long_audio,
         bucket_by_length=cfg.bucket_by_length,
         max_batch_seconds=cfg.max_batch_seconds,
+        augment=SpecAugment(
+            cfg.time_masks, cfg.time_mask_seconds, cfg.feature_masks, cfg.feature_mask_fraction
+        ),
     )
     return ShardLoader(stream)

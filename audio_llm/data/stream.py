@@ -50,6 +50,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from audio_llm.data.augment import SpecAugment
 from audio_llm.data.bucket import bucket_batches
 from audio_llm.data.collate import AudioSample, Collator, frames_of
 from audio_llm.data.shards import PAYLOADS, EpochPlan, ShardInfo, ShardSet, plan_epoch
@@ -221,6 +222,7 @@ class ShardStream(IterableDataset):
         long_audio: str = "skip",
         bucket_by_length: bool = False,
         max_batch_seconds: float = 0.0,
+        augment: SpecAugment | None = None,
     ) -> None:
         if collator.mode != shards.mode:
             raise AudioLLMError(f"collator mode {collator.mode} != shard mode {shards.mode}")
@@ -229,8 +231,15 @@ class ShardStream(IterableDataset):
                 "data.max_batch_seconds cuts batches from the length-sorted buffer: "
                 "set data.bucket_by_length=true too"
             )
+        augment = augment if augment is not None and augment.active else None
+        if augment is not None and collator.pcm16:
+            raise AudioLLMError(
+                "data.time_masks/feature_masks mask features in the loader, but "
+                "data.features_on=device sends waveforms: set data.features_on=loader"
+            )
         self.shards = shards
         self.collator = collator
+        self.augment = augment
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
@@ -355,7 +364,7 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _collate(self, batch: list, problems: _Problems, last_good: list) -> dict:
+    def _collate(self, batch: list, problems: _Problems, last_good: list, rng=None) -> dict:
         """Decode and collate; an undecodable sample is replaced by a good one of the same
         batch, so the batch count (and resume arithmetic) never depends on decoding."""
         decoded: list[AudioSample | None] = []
@@ -372,7 +381,13 @@ class ShardStream(IterableDataset):
         if not good:
             raise AudioLLMError(f"no decodable sample in a batch from {batch[0][0]['__url__']}")
         last_good[:] = good
-        return self.collator([s if s is not None else good[0] for s in decoded])
+        out = self.collator([s if s is not None else good[0] for s in decoded])
+        if self.augment is not None:
+            # features' own frame rate: log-mel 10 ms, encoder frames 20 ms
+            seconds = HOP_LENGTH / SAMPLE_RATE
+            seconds *= ENCODER_DOWNSAMPLE if "audio_embeds" in out else 1
+            out["stats"]["masked_frames"] = self.augment(out, seconds, rng)
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -393,7 +408,11 @@ class ShardStream(IterableDataset):
             if index < skip:
                 reported = Counter(problems.counts)  # already counted before the restart
                 continue
-            out = self._collate(batch, problems, last_good)
+            rng = None
+            if self.augment is not None:  # per batch, so a resumed run masks the same frames
+                key = f"augment:{self.seed}:{self.epoch}:{self.rank}:{worker}:{index}".encode()
+                rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8]))
+            out = self._collate(batch, problems, last_good, rng)
             delta = problems.counts - reported
             reported = Counter(problems.counts)
             out["stream"] = {
