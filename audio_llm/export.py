@@ -14,11 +14,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from audio_llm.errors import AudioLLMError
 from audio_llm.lora import save_adapter
+from audio_llm.model import CTC_BLANK_FILE
 
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
@@ -30,6 +31,10 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
     out = Path(out_dir)
     with _staged_dir(out) as tmp:
         model.projector.save(tmp / PROJECTOR_FILE)
+        has_ctc = getattr(model, "ctc_weight", 0) > 0
+        if has_ctc:  # the next stage's CTC loss starts from it (build_audio_llm)
+            blank = model.ctc_blank.detach().contiguous().cpu()
+            save_file({"ctc_blank": blank}, str(tmp / CTC_BLANK_FILE))
         has_lora = hasattr(model.llm, "peft_config")
         if has_lora:
             save_adapter(model, tmp / ADAPTER_DIR)
@@ -44,6 +49,7 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
         manifest = {
             "projector": PROJECTOR_FILE,
             "adapter": ADAPTER_DIR if has_lora else None,
+            "ctc_blank": CTC_BLANK_FILE if has_ctc else None,
             "audio_token_id": model.audio_token_id,
             **(extra or {}),
         }
@@ -115,6 +121,7 @@ def load_for_inference(
         model_cfg = cfg.model
         model_cfg.projector_init = str(weights / PROJECTOR_FILE)
         adapter = weights / ADAPTER_DIR if (weights / ADAPTER_DIR).is_dir() else None
+        blank = weights / CTC_BLANK_FILE
     else:
         from audio_llm.config import ModelConfig
 
@@ -129,11 +136,14 @@ def load_for_inference(
                 fields[key] = str(folder / fields[key])
         model_cfg = ModelConfig(**fields)
         adapter = folder / bundle["adapter"] if bundle.get("adapter") else None
+        blank = folder / (bundle.get("ctc_blank") or CTC_BLANK_FILE)
     if dtype is not None:
         model_cfg.dtype = dtype
     elif device == "cpu":
         model_cfg.dtype = "float32"
     model = build_audio_llm(model_cfg, None, device=device)
+    if blank.is_file():  # the CTC head, for joint CTC decoding (weight 0: no CTC loss)
+        model.enable_ctc(0.0, blank)
     if adapter is not None:
         model.llm = PeftModel.from_pretrained(model.llm, str(adapter)).to(device)
     return model.eval()
@@ -149,6 +159,9 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
         model.encoder.whisper.save_pretrained(tmp / "encoder")
         model.feature_extractor.save_pretrained(tmp / "encoder")
         shutil.copy2(weights / PROJECTOR_FILE, tmp / PROJECTOR_FILE)
+        has_ctc = (weights / CTC_BLANK_FILE).is_file()
+        if has_ctc:
+            shutil.copy2(weights / CTC_BLANK_FILE, tmp / CTC_BLANK_FILE)
         fields = dict(cfg.model.__dict__)
         fields.update(encoder="encoder", projector_init=PROJECTOR_FILE, dtype=cfg.model.dtype)
         adapter = None
@@ -163,6 +176,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
             "format": BUNDLE_FORMAT,
             "model": fields,
             "adapter": adapter,
+            "ctc_blank": CTC_BLANK_FILE if has_ctc else None,
             "merged": fields["llm"] == "llm",
             "source_run": str(run_dir),
             "trained": json.loads((weights / MANIFEST_FILE).read_text()),

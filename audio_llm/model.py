@@ -26,6 +26,9 @@ from audio_llm.projector import AudioProjector
 from audio_llm.text import IGNORE_INDEX, PromptBuilder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The CTC head's learned blank, exported beside the projector when train.ctc_weight > 0, so that
+# stage 2 continues stage 1's CTC loss instead of restarting it from a zero blank.
+CTC_BLANK_FILE = "ctc_blank.safetensors"
 
 
 class AudioLLM(nn.Module):
@@ -59,11 +62,24 @@ class AudioLLM(nn.Module):
         self._mel_filters: dict[torch.device, torch.Tensor] = {}
         self.ctc_weight = 0.0
 
-    def enable_ctc(self, weight: float) -> None:
-        """Train with `LM loss + weight * CTC loss` (see `ctc_loss`); adds the blank vector."""
+    def enable_ctc(self, weight: float, blank_init: str | Path | None = None) -> None:
+        """Train with `LM loss + weight * CTC loss` (see `ctc_loss`); adds the blank vector,
+        zero or read from `blank_init` (a `CTC_BLANK_FILE` an earlier stage exported)."""
         dim = self.llm.get_input_embeddings().embedding_dim
-        dtype = self.projector.net[0].weight.dtype
-        self.ctc_blank = nn.Parameter(torch.zeros(dim, dtype=dtype))
+        dtype, device = self.projector.net[0].weight.dtype, self.projector.net[0].weight.device
+        blank = torch.zeros(dim, dtype=dtype, device=device)
+        if blank_init is not None:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(blank_init)).get("ctc_blank")
+            if saved is None or saved.shape != blank.shape:
+                got = "no ctc_blank tensor" if saved is None else f"shape {tuple(saved.shape)}"
+                raise AudioLLMError(
+                    f"{blank_init}: {got}, this model needs ctc_blank of shape ({dim},): "
+                    "it was exported by a run with another LLM"
+                )
+            blank = saved.to(device, dtype)
+        self.ctc_blank = nn.Parameter(blank)
         self.ctc_weight = weight
 
     # -- audio ------------------------------------------------------------------------------
@@ -291,7 +307,8 @@ def build_audio_llm(
     )
     model.tokenizer, model.feature_extractor, model.prompts = tokenizer, feature_extractor, prompts
     if ctc_weight > 0:
-        model.enable_ctc(ctc_weight)
+        blank = Path(cfg.projector_init).with_name(CTC_BLANK_FILE) if cfg.projector_init else None
+        model.enable_ctc(ctc_weight, blank if blank is not None and blank.is_file() else None)
     if lora is not None:
         from audio_llm.lora import apply_lora
 

@@ -80,3 +80,31 @@ def test_stage1_export_has_no_adapter(model_config, tmp_path):
         from audio_llm.lora import save_adapter
 
         save_adapter(model, tmp_path / "x")
+    assert json.loads((out / "export.json").read_text())["ctc_blank"] is None
+
+
+def test_stage2_continues_the_ctc_blank_stage1_exported(model_config, tmp_path):
+    """A stage-1 run with train.ctc_weight exports its learned blank beside the projector; a
+    model started from that projector starts its CTC head from it, not from zero."""
+    import dataclasses
+
+    stage1 = build_audio_llm(model_config, ctc_weight=1.0)
+    with torch.no_grad():
+        stage1.ctc_blank.normal_()
+    out = export_weights(stage1, tmp_path / "export")
+    assert json.loads((out / "export.json").read_text())["ctc_blank"] == "ctc_blank.safetensors"
+    init = dataclasses.replace(model_config, projector_init=str(out / "projector.safetensors"))
+    stage2 = build_audio_llm(init, LoraConfig(), ctc_weight=1.0)
+    assert torch.equal(stage2.ctc_blank.detach(), stage1.ctc_blank.detach())
+    # a projector without a blank beside it (CTC off in stage 1) starts from zero, as before
+    (out / "ctc_blank.safetensors").unlink()
+    assert not build_audio_llm(init, ctc_weight=1.0).ctc_blank.detach().any()
+
+
+def test_a_ctc_blank_of_another_width_is_refused(model_config, tmp_path):
+    from safetensors.torch import save_file
+
+    model = build_audio_llm(model_config)
+    save_file({"ctc_blank": torch.zeros(7)}, str(tmp_path / "blank.safetensors"))
+    with pytest.raises(AudioLLMError, match="ctc_blank of shape"):
+        model.enable_ctc(1.0, tmp_path / "blank.safetensors")
