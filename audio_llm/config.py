@@ -214,6 +214,11 @@ class EvalConfig:
     batch_size: int = opt(8, "Generation batch size per rank.")
     max_new_tokens: int = opt(128, "Generation length cap.")
     num_beams: int = opt(1, "Beam size (1: greedy).")
+    ctc_weight: float = opt(
+        0.0,
+        "Joint CTC/LLM decoding: weight of the CTC head's prefix score against the LLM's "
+        "(needs train.ctc_weight > 0; 0 = the LLM alone).",
+    )
     normalizer: Literal["none", "basic", "whisper"] = opt("basic", "Text normaliser for WER.")
 
     def __post_init__(self) -> None:
@@ -221,6 +226,7 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
         _check(self.num_beams >= 1 and self.batch_size >= 1, "eval.num_beams/batch_size >= 1")
         _check(self.limit >= 0, "eval.limit must be >= 0")
+        _check(0 <= self.ctc_weight <= 1, f"eval.ctc_weight must be in [0, 1]: {self.ctc_weight}")
 
 
 @dataclass
@@ -230,6 +236,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.eval.ctc_weight == 0 or self.train.ctc_weight > 0,
+            "eval.ctc_weight decodes with the CTC head, which only train.ctc_weight > 0 trains: "
+            "set train.ctc_weight too, or eval.ctc_weight=0",
+        )
 
     @property
     def use_lora(self) -> bool:

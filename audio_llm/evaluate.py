@@ -93,13 +93,19 @@ def transcribe_samples(
     max_new_tokens: int = 128,
     num_beams: int = 1,
     synced: bool = False,
+    ctc_weight: float = 0.0,
 ) -> list[str]:
-    """Greedy/beam transcripts of one batch of decoded samples."""
+    """Greedy/beam transcripts of one batch of decoded samples (`ctc_weight`: joint CTC
+    decoding, see `ctc_decode`)."""
     batch = collator.prompt_batch(samples)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     ids = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, synced_gpus=synced
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        synced_gpus=synced,
+        ctc_weight=ctc_weight,
     )
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
@@ -117,6 +123,7 @@ def evaluate(
     limit: int | None = None,
     synced: bool = False,
     bootstrap: int = 1000,
+    ctc_weight: float = 0.0,
 ) -> EvalResult:
     """Transcribe and score every sample of `spec`; collective when distributed (all ranks call).
 
@@ -141,7 +148,9 @@ def evaluate(
     model.eval()
     rows: list[dict[str, Any]] = []
     for number, batch in enumerate(batches):
-        texts = transcribe_samples(model, collator, batch, max_new_tokens, num_beams, synced)
+        texts = transcribe_samples(
+            model, collator, batch, max_new_tokens, num_beams, synced, ctc_weight
+        )
         if number * batch_size >= len(samples):
             continue  # a filler batch
         for sample, hyp in zip(batch, texts, strict=True):
@@ -214,6 +223,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--beams", type=int, default=1, help="beam size (1: greedy)")
+    p.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=0.0,
+        help="joint CTC/LLM decoding weight in [0, 1] for runs trained with train.ctc_weight "
+        "(0: the LLM alone)",
+    )
     p.add_argument("--normalizer", choices=["none", "basic", "whisper"], default="basic")
     p.add_argument("--limit", type=int, help="score only the first N samples (quick checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -236,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
         num_beams=args.beams,
         normalizer=args.normalizer,
         limit=args.limit,
+        ctc_weight=args.ctc_weight,
     )
     if dist.is_main():
         write_results(result, args.out)

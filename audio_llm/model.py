@@ -186,29 +186,39 @@ class AudioLLM(nn.Module):
         already reads as those tokens. Targets are the label tokens without end-of-turn; a clip
         with more targets than positions contributes nothing (`zero_infinity`).
         """
-        weight = self.llm.get_input_embeddings().weight
+        log_probs = self.ctc_log_probs(projected)
+        keep = (labels != IGNORE_INDEX) & (labels != self.prompts.eos_id)
+        targets = labels[keep]
+        target_lengths = keep.sum(1)
+        return nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            lengths,
+            target_lengths,
+            blank=log_probs.shape[-1] - 1,
+            zero_infinity=True,
+        )
+
+    def ctc_log_probs(self, projected: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, T, V + 1]`: per projected position, log-softmax over the LLM's input
+        embedding rows (dot products) and the learned blank, which is last."""
+        weight, blank = self.llm.get_input_embeddings().weight, self.ctc_blank
         if weight.numel() == 0:  # ZeRO-3 partitions it: gather a private copy for this step
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([weight]):
                 weight = weight.detach().clone()
+        if blank.numel() == 0:  # the same outside forward() (generate during training eval)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([blank]):
+                blank = blank.detach().clone()
         projected = projected.to(weight.dtype)
         table = weight.detach()
         # Two products rather than one against [table; blank]: no gradient for the frozen table.
         tokens = projected @ table.T
-        blank = projected @ self.ctc_blank.to(weight.dtype)[:, None]
-        log_probs = torch.cat([tokens, blank], -1).float().log_softmax(-1).transpose(0, 1)
-        keep = (labels != IGNORE_INDEX) & (labels != self.prompts.eos_id)
-        targets = labels[keep]
-        target_lengths = keep.sum(1)
-        return nn.functional.ctc_loss(
-            log_probs,
-            targets,
-            lengths,
-            target_lengths,
-            blank=weight.shape[0],
-            zero_infinity=True,
-        )
+        blank = projected @ blank.to(weight.dtype)[:, None]
+        return torch.cat([tokens, blank], -1).float().log_softmax(-1)
 
     def train(self, mode: bool = True) -> AudioLLM:
         super().train(mode)
@@ -224,15 +234,35 @@ class AudioLLM(nn.Module):
         max_new_tokens: int = 128,
         num_beams: int = 1,
         synced_gpus: bool = False,
+        ctc_weight: float = 0.0,
         **audio: torch.Tensor,
     ) -> list[list[int]]:
         """Greedy/beam decoding from left-padded prompts; returns the new token ids per row.
 
-        `synced_gpus` keeps every rank stepping until all are done, as ZeRO-3 requires."""
+        `synced_gpus` keeps every rank stepping until all are done, as ZeRO-3 requires.
+        `ctc_weight > 0`: joint decoding with the CTC head (`ctc_decode`), for models trained
+        with `train.ctc_weight`; 0 decodes with the LLM alone."""
         projected, lengths = self.project_audio(**audio)
         inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
         eos = self.llm.generation_config.eos_token_id
         pad = self.llm.generation_config.pad_token_id
+        extra = {}
+        if ctc_weight > 0:
+            if not hasattr(self, "ctc_blank"):
+                raise AudioLLMError(
+                    "joint CTC decoding needs the CTC head of a run trained with "
+                    "train.ctc_weight > 0 (its export has ctc_blank.safetensors); "
+                    "decode with ctc_weight 0"
+                )
+            from transformers import LogitsProcessorList
+
+            from audio_llm.ctc_decode import CTCPrefixScorer
+
+            stops = eos if isinstance(eos, list) else [eos]
+            scorer = CTCPrefixScorer(
+                self.ctc_log_probs(projected), lengths, ctc_weight, stops, num_beams
+            )
+            extra["logits_processor"] = LogitsProcessorList([scorer])
         out = self.llm.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -242,6 +272,7 @@ class AudioLLM(nn.Module):
             eos_token_id=eos,
             pad_token_id=pad,
             synced_gpus=synced_gpus,
+            **extra,
         )
         base = getattr(self.llm, "get_base_model", lambda: self.llm)()
         base.model.rope_deltas = None  # generate() caches M-RoPE state on the model

@@ -233,6 +233,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             num_beams=cfg.eval.num_beams,
+            ctc_weight=cfg.eval.ctc_weight,
             normalizer=cfg.eval.normalizer,
             long_audio=cfg.data.long_audio,
             limit=cfg.eval.limit or None,

@@ -84,7 +84,7 @@ def transcribe_audio(
 
 
 def model_decoder(
-    model, max_new_tokens: int = 128, num_beams: int = 1
+    model, max_new_tokens: int = 128, num_beams: int = 1, ctc_weight: float = 0.0
 ) -> Callable[[list[np.ndarray]], list[str]]:
     """A `decode` for `transcribe_audio` backed by an AudioLLM (features computed here)."""
     from audio_llm.data.collate import AudioSample
@@ -101,7 +101,9 @@ def model_decoder(
                 clip = np.pad(clip, (0, HOP_LENGTH * 2 - len(clip)))
             mel = log_mel(clip, filters).numpy()
             samples.append(AudioSample("clip", "", None, len(clip) / SAMPLE_RATE, None, mel=mel))
-        return transcribe_samples(model, collator, samples, max_new_tokens, num_beams)
+        return transcribe_samples(
+            model, collator, samples, max_new_tokens, num_beams, ctc_weight=ctc_weight
+        )
 
     return decode
 
@@ -121,6 +123,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=5.0, help="window overlap in seconds")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per 30 s window")
     p.add_argument("--beams", type=int, default=1)
+    p.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=0.0,
+        help="joint CTC/LLM decoding weight in [0, 1] for runs trained with train.ctc_weight",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together")
     p.add_argument("--json", action="store_true", help="JSON lines {file, seconds, text}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     audio = {path: load_audio(path) for path in args.files}  # bad files fail before the model loads
     model = load_for_inference(args.run, args.export, device=args.device)
-    decode = model_decoder(model, args.max_new_tokens, args.beams)
+    decode = model_decoder(model, args.max_new_tokens, args.beams, args.ctc_weight)
     for path, samples in audio.items():
         text = transcribe_audio(decode, samples, args.overlap, args.batch_size)
         seconds = len(samples) / SAMPLE_RATE

@@ -128,8 +128,9 @@ def test_stage1_trains_checkpoints_exports_and_logs(stage1_run):
     "ds_config, extra",
     [
         ("ds_configs/zero2.json", []),
-        # ZeRO-3 partitions the embedding table the CTC head reads: it must be gathered
-        ("ds_configs/zero3.json", ["train.ctc_weight=0.5"]),
+        # ZeRO-3 partitions the embedding table and blank the CTC head reads: they must be
+        # gathered, in the loss and in joint CTC/LLM decoding during the WER evals
+        ("ds_configs/zero3.json", ["train.ctc_weight=0.5", "eval.ctc_weight=0.5"]),
     ],
     ids=["zero2", "zero3-ctc"],
 )
@@ -155,6 +156,7 @@ def test_stage2_lora_export_loads_with_stock_peft(
         logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
         ctc = [row["train/ctc_loss"] for row in logged if "train/ctc_loss" in row]
         assert ctc and all(0 < value < float("inf") for value in ctc)
+        assert (out / "export" / "ctc_blank.safetensors").is_file()  # gathered, or refused
     assert len(set(summary["parameter_digests"])) == 1
     assert sorted(summary["eval_wer"], key=int) == ["3", "6"]  # WER during training, ZeRO-3 too
     assert all(w is not None and w >= 0 for w in summary["eval_wer"].values())
