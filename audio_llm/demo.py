@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=1200)
     parser.add_argument("--stage2-lr", type=float, default=3e-3)
     parser.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=0.3,
+        help="joint CTC/LLM decoding weight for the WER before and after (0: the LLM alone)",
+    )
+    parser.add_argument(
         "--reading-steps",
         type=int,
         default=ReadingSpec.steps,
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.eval_shards={shards / 'test_seen_voices'}",
         f"data.seed={args.seed}",
         f"train.seed={args.seed}",
+        f"eval.ctc_weight={args.ctc_weight}",  # WER before training decodes as the final eval
         "--resume",
         "none",
     ]
@@ -171,23 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     times["stage2"] = _run(cmd, logs / "stage2.log")
     s2 = json.loads((stage2 / "summary.json").read_text())
 
-    print("== 6/6 audio-llm eval on both held-out sets (2 ranks)")
+    print("== 6/6 audio-llm eval on both held-out sets (2 ranks): joint CTC/LLM, then LLM alone")
     t = time.time()
     results = {}
+    # The model's decoding (joint CTC/LLM, `--ctc-weight`), and the LLM alone for comparison.
     for split in SPLITS[1:]:
-        cmd = [
-            _bin("torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "audio_llm.cli",
-        ]
-        cmd += ["eval", "--run-dir", str(stage2), "--shards", str(shards / split)]
-        cmd += ["--out", str(out / "eval" / split), "--batch-size", "32", "--max-new-tokens", "48"]
-        _run(cmd, logs / f"eval_{split}.log")
-        results[split] = json.loads((out / "eval" / split / "summary.json").read_text())
+        for name, weight in ((split, args.ctc_weight), (f"{split}_llm_only", 0.0)):
+            cmd = [
+                _bin("torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "audio_llm.cli",
+            ]
+            cmd += ["eval", "--run-dir", str(stage2), "--shards", str(shards / split)]
+            cmd += ["--out", str(out / "eval" / name), "--batch-size", "32"]
+            cmd += ["--max-new-tokens", "48", "--ctc-weight", str(weight)]
+            _run(cmd, logs / f"eval_{name}.log")
+            results[name] = json.loads((out / "eval" / name / "summary.json").read_text())
     times["eval"] = time.time() - t
 
     train_seconds = times["stage1"] + times["stage2"]
@@ -196,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "wer_after": results["test_seen_voices"]["wer"],
         "wer_unseen_voice": results["test_unseen_voice"]["wer"],
         "wer_after_interval": results["test_seen_voices"].get("bootstrap"),
+        "decoding": {"ctc_weight": args.ctc_weight, "beams": 1},
+        "wer_after_llm_only": results["test_seen_voices_llm_only"]["wer"],
+        "wer_unseen_voice_llm_only": results["test_unseen_voice_llm_only"]["wer"],
         "train_seconds": round(train_seconds, 1),
         # The stand-in for downloading a pretrained LLM, reported apart from (not hidden in) it:
         "llm_pretraining_seconds": round(times["llm_pretraining"], 1),
@@ -219,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"WER before training (seen voices): {pct(wer_before)}")
     print(f"WER after, seen voices, unseen word sequences: {pct(summary['wer_after'])}")
     print(f"WER after, unseen voice ({spec.unseen_voice}): {pct(summary['wer_unseen_voice'])}")
+    print(
+        f"(joint CTC/LLM decoding at weight {args.ctc_weight:g}; the LLM alone: "
+        f"{pct(summary['wer_after_llm_only'])} seen, "
+        f"{pct(summary['wer_unseen_voice_llm_only'])} unseen voice)"
+    )
     steps = f"stage 1 {args.stage1_steps}, stage 2 {args.stage2_steps}"
     print(f"steps: {steps}; training {train_seconds:.0f} s")
     again = ", built by an earlier run and reused" if built["reused"] else ""
@@ -230,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary: {out / 'summary.json'}")
     print(f"TensorBoard: tensorboard --logdir {out}")
     example = corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
-    print(f"try it: {_bin('audio-llm')} transcribe --run {stage2} {example}")
+    cli = f"{_bin('audio-llm')} transcribe --run {stage2} --ctc-weight {args.ctc_weight:g}"
+    print(f"try it: {cli} {example}")
     return 0
 
 

@@ -30,8 +30,13 @@ def test_small_demo_runs_end_to_end(tmp_path):
     losses = [stage2["losses"][k] for k in sorted(stage2["losses"], key=int)]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # it learns something
     for split in ("test_seen_voices", "test_unseen_voice"):
-        rows = (out / "eval" / split / "utterances.jsonl").read_text().splitlines()
-        assert len(rows) == 8
+        for decoding in ("", "_llm_only"):  # joint CTC/LLM decoding, and the LLM alone
+            rows = (out / "eval" / f"{split}{decoding}" / "utterances.jsonl").read_text()
+            assert len(rows.splitlines()) == 8
+    assert summary["decoding"]["ctc_weight"] == 0.3
+    assert summary["wer_after_llm_only"] >= 0.0 and summary["wer_unseen_voice_llm_only"] >= 0.0
+    # stage 2 continued stage 1's CTC head rather than starting it from zero
+    assert (out / "stage1" / "export" / "ctc_blank.safetensors").is_file()
     assert "WER after, seen voices" in proc.stdout
     # the demo's recipe: both loss terms reach TensorBoard's metrics.jsonl
     logged = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").open()]
