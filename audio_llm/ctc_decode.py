@@ -23,6 +23,8 @@ over the clip's positions for the candidates of every row, whatever the beam reo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from audio_llm.errors import AudioLLMError
@@ -71,7 +73,9 @@ class CTCPrefixScorer:
         r_blank = torch.cumsum(self.log_probs[clip, :, -1], 0)
         return torch.full_like(r_blank, NEG_INF), r_blank, 0.0
 
-    def _state(self, clip: int, prefix: tuple[int, ...]):
+    def _state(
+        self, clip: int, prefix: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The cached state of `prefix`, or rebuilt token by token (first step; rare after)."""
         state = self.states.get((clip, prefix))
         if state is None:
@@ -112,6 +116,7 @@ class CTCPrefixScorer:
             # end of sequence: the transcript is exactly the prefix
             t = int(ended_at[i])
             ended = float(torch.logaddexp(r_nonblank[t], r_blank[t])) - prefix_logp
+            ended = NEG_INF if math.isnan(ended) else ended  # -inf - -inf: an impossible prefix
             for token in self.eos:
                 if token < joint.shape[0]:
                     joint[token] = (1 - self.weight) * llm[row, token] + self.weight * ended

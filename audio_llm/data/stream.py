@@ -364,7 +364,13 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _collate(self, batch: list, problems: _Problems, last_good: list, rng=None) -> dict:
+    def _collate(
+        self,
+        batch: list,
+        problems: _Problems,
+        last_good: list,
+        rng: np.random.Generator | None = None,
+    ) -> dict:
         """Decode and collate; an undecodable sample is replaced by a good one of the same
         batch, so the batch count (and resume arithmetic) never depends on decoding."""
         decoded: list[AudioSample | None] = []
