@@ -246,6 +246,8 @@ class AudioLLM(nn.Module):
         inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
         eos = self.llm.generation_config.eos_token_id
         pad = self.llm.generation_config.pad_token_id
+        if not 0 <= ctc_weight <= 1:
+            raise AudioLLMError(f"the CTC decoding weight must be in [0, 1], got {ctc_weight}")
         extra = {}
         if ctc_weight > 0:
             if not hasattr(self, "ctc_blank"):

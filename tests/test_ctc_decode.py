@@ -118,11 +118,15 @@ def test_joint_decoding_of_a_clip_is_the_same_alone_and_in_a_batch(ctc_model, be
     assert all(isinstance(t, int) for row in both for t in row) and len(llm_only) == 3
 
 
-def test_joint_decoding_needs_a_ctc_head(model_config):
+def test_joint_decoding_needs_a_ctc_head_and_a_weight_in_0_1(model_config, ctc_model):
     model = build_audio_llm(model_config).eval()
     features = torch.randn(1, 80, 120)
     with pytest.raises(AudioLLMError, match="train.ctc_weight > 0"):
         model.generate(**generation_batch(model, [120], features), max_new_tokens=2, ctc_weight=0.3)
+    batch = generation_batch(ctc_model, [120], features)
+    for weight in (-0.1, 1.5):  # never silently the LLM alone
+        with pytest.raises(AudioLLMError, match=r"in \[0, 1\]"):
+            ctc_model.generate(**batch, max_new_tokens=2, ctc_weight=weight)
 
 
 def test_cli_decodes_jointly_from_a_run_and_a_bundle(ctc_model, model_config, tmp_path, capsys):
