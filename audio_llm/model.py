@@ -202,17 +202,9 @@ class AudioLLM(nn.Module):
     def ctc_log_probs(self, projected: torch.Tensor) -> torch.Tensor:
         """float32 `[B, T, V + 1]`: per projected position, log-softmax over the LLM's input
         embedding rows (dot products) and the learned blank, which is last."""
-        weight, blank = self.llm.get_input_embeddings().weight, self.ctc_blank
-        if weight.numel() == 0:  # ZeRO-3 partitions it: gather a private copy for this step
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([weight]):
-                weight = weight.detach().clone()
-        if blank.numel() == 0:  # the same outside forward() (generate during training eval)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([blank]):
-                blank = blank.detach().clone()
+        # ZeRO-3 partitions the table (and, outside forward(), the blank): private full copies
+        weight = _full(self.llm.get_input_embeddings().weight)
+        blank = _full(self.ctc_blank)
         projected = projected.to(weight.dtype)
         table = weight.detach()
         # Two products rather than one against [table; blank]: no gradient for the frozen table.
@@ -287,6 +279,16 @@ class AudioLLM(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _full(param: nn.Parameter) -> torch.Tensor:
+    """`param` itself, or a detached full copy gathered from its ZeRO-3 partitions."""
+    if param.numel() > 0:
+        return param
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone()
 
 
 def build_audio_llm(
