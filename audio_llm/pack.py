@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import re
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 from tqdm import tqdm
 
 from audio_llm import __version__
@@ -43,6 +45,7 @@ from audio_llm.audio import (
     decode_flac,
     encode_flac,
     load_audio,
+    to_mono_16k,
 )
 from audio_llm.data.shards import FORMAT_VERSION, INDEX_NAME, read_index
 from audio_llm.data.shards import PAYLOADS as PAYLOAD_SUFFIX
@@ -73,7 +76,7 @@ class Utterance:
     """One input utterance, as read from a manifest or directory (nothing decoded yet)."""
 
     id: str
-    audio: Path | None  # None: the input has a transcript but names no audio for it
+    audio: Path | None  # None: no audio file (a transcript without audio, or a command)
     text: str
     source: str  # the audio path as the input wrote it (or the Kaldi/LibriSpeech id)
     offset: float = 0.0
@@ -81,6 +84,8 @@ class Utterance:
     speaker: str | None = None
     lang: str | None = None
     prompt: str | None = None
+    ark_offset: int | None = None  # Kaldi `foo.ark:1234`: `audio` is the ark, read from here
+    command: str | None = None  # Kaldi piped entry `cmd |`: its stdout is the audio file
 
 
 def _optional_str(value: object) -> str | None:
@@ -161,12 +166,34 @@ def _read_kaldi_table(path: Path) -> Iterator[tuple[int, str, str]]:
             yield line_no, key, value.strip()
 
 
-def read_kaldi(data_dir: Path) -> list[Utterance]:
-    """Kaldi data dir: `wav.scp` (`UTTID PATH`), `text` (`UTTID TRANSCRIPT`), optional `utt2spk`.
+_ARK_OFFSET = re.compile(r"(?P<ark>.+):(?P<offset>\d+)")  # Kaldi's offset rxfilename
 
-    Relative paths resolve against the current directory (Kaldi's convention: the recipe folder),
-    falling back to the data dir. Piped (`cmd |`), ark-offset and `segments` entries are refused
-    with the line named, rather than packed wrongly.
+
+def _is_command(value: str) -> bool:
+    """A Kaldi rxfilename that runs a command (`cmd |`), rather than naming a file."""
+    return value.endswith("|") or value.startswith("|")
+
+
+def _refuse_pipes(wav_scp: Path, piped: list[tuple[int, str, str]], total: int) -> AudioLLMError:
+    line_no, utt_id, value = piped[0]
+    return AudioLLMError(
+        f"{wav_scp}:{line_no}: piped entry {value!r} (utterance {utt_id!r}) runs a command; "
+        f"{len(piped)} of {total} wav.scp entries do. pack runs none unless asked: either pass "
+        "--allow-pipes to run them through /bin/sh from the current folder (read wav.scp "
+        "first; the commands are listed in the report), or write the audio out once, e.g. "
+        f"`wav-copy scp:{wav_scp} ark,scp:wav.ark,wav_ark.scp`, and pack a data dir whose "
+        "wav.scp is wav_ark.scp (pack reads `foo.ark:OFFSET` entries directly)"
+    )
+
+
+def read_kaldi(data_dir: Path, allow_pipes: bool = False) -> list[Utterance]:
+    """Kaldi data dir: `wav.scp`, `text` (`UTTID TRANSCRIPT`), optional `utt2spk`.
+
+    `wav.scp` lines are `UTTID RXFILENAME`, where the rxfilename is an audio file path, an ark
+    offset `foo.ark:1234` (read directly, nothing run), or a command ending in `|` whose stdout is
+    the audio: commands are refused, naming the line, unless `allow_pipes`. Relative paths resolve
+    against the current directory (Kaldi's convention: the recipe folder), falling back to the
+    data dir. A `segments` file is refused rather than packed wrongly.
     """
     if (data_dir / "segments").exists():
         raise AudioLLMError(
@@ -177,31 +204,36 @@ def read_kaldi(data_dir: Path) -> list[Utterance]:
     speakers = {}
     if (data_dir / "utt2spk").exists():
         speakers = {key: value for _, key, value in _read_kaldi_table(data_dir / "utt2spk")}
-    items = []
-    for line_no, utt_id, value in _read_kaldi_table(data_dir / "wav.scp"):
-        where = f"{data_dir / 'wav.scp'}:{line_no}"
-        if value.endswith("|"):
-            raise AudioLLMError(
-                f"{where}: piped entry {value!r} is not supported; write the audio to files "
-                "(e.g. `wav-copy scp:wav.scp ark,scp:wav.ark,...` or run the command yourself) "
-                "and list plain paths"
-            )
-        if re.search(r"\.ark:\d+$", value):
-            raise AudioLLMError(
-                f"{where}: ark offset {value!r} is not supported; list plain audio file paths"
-            )
-        audio = Path(value)
+    wav_scp = data_dir / "wav.scp"
+    entries = list(_read_kaldi_table(wav_scp))
+    piped = [entry for entry in entries if _is_command(entry[2])]
+    if piped and not allow_pipes:
+        raise _refuse_pipes(wav_scp, piped, len(entries))
+
+    def resolve(path: str) -> Path:
+        audio = Path(path)
         if not audio.is_absolute() and not audio.exists() and (data_dir / audio).exists():
             audio = data_dir / audio
-        items.append(
-            Utterance(
-                id=utt_id,
-                audio=audio,
-                text=texts.get(utt_id, ""),
-                source=value,
-                speaker=speakers.get(utt_id),
-            )
-        )
+        return audio
+
+    items = []
+    for _, utt_id, value in entries:
+        common = {
+            "id": utt_id,
+            "text": texts.get(utt_id, ""),
+            "source": value,
+            "speaker": speakers.get(utt_id),
+        }
+        ark = _ARK_OFFSET.fullmatch(value)
+        if _is_command(value):
+            items.append(Utterance(audio=None, command=value, **common))
+        elif ark:
+            # Opened as a plain file by us, never handed to kaldiio as a name (it would run a
+            # name like `cmd |:12` as a command).
+            audio = resolve(ark["ark"])
+            items.append(Utterance(audio=audio, ark_offset=int(ark["offset"]), **common))
+        else:
+            items.append(Utterance(audio=resolve(value), **common))
     # Transcripts without audio are counted too, as missing files, so nothing vanishes silently.
     listed = {u.id for u in items}
     for utt_id in sorted(set(texts) - listed):
@@ -234,13 +266,22 @@ READERS: dict[str, Callable[[Path], list[Utterance]]] = {
 }
 
 
-def read_inputs(paths: Iterable[str | Path], fmt: str = "auto") -> list[Utterance]:
-    """All utterances of all inputs, each read with `fmt` or its detected format."""
+def read_inputs(
+    paths: Iterable[str | Path], fmt: str = "auto", allow_pipes: bool = False
+) -> list[Utterance]:
+    """All utterances of all inputs, each read with `fmt` or its detected format.
+
+    `allow_pipes` lets Kaldi `wav.scp` commands (`cmd |`) through; by default they are refused.
+    """
     items: list[Utterance] = []
     for path in map(Path, paths):
         if not path.exists():
             raise AudioLLMError(f"--input {path}: not found")
-        items.extend(READERS[detect_format(path) if fmt == "auto" else fmt](path))
+        reader = detect_format(path) if fmt == "auto" else fmt
+        if reader == "kaldi":
+            items.extend(read_kaldi(path, allow_pipes))
+        else:
+            items.extend(READERS[reader](path))
     return items
 
 
@@ -272,6 +313,7 @@ class PackSettings:
     long_audio: str = "skip"
     min_seconds: float = 0.1
     mel_filters: np.ndarray | None = None
+    allow_pipes: bool = False  # checked again where a command would run, not only when reading
 
 
 @dataclass
@@ -298,15 +340,89 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# Kaldi ark entries pack reads: a whole WAV file (what `wav-copy` writes) or kaldiio's
+# length-prefixed `AUDIO` record. Anything else (feature matrices, kaldiio's pickled `PKL`
+# records) is refused before kaldiio parses it: nothing from an input is ever unpickled.
+_ARK_AUDIO_FLAGS = (b"RIFF", b"AUDIO")
+COMMAND_NOT_FOUND = 127  # /bin/sh's exit status when the program does not exist
+
+
+def read_ark_audio(ark: Path, offset: int) -> np.ndarray:
+    """The audio stored at byte `offset` of a Kaldi ark (`foo.ark:1234`), as float32 mono 16 kHz.
+
+    The ark is opened as a plain file: kaldiio only parses the bytes, and never sees a name it
+    could run as a command.
+    """
+    import kaldiio.matio  # imported here: only Kaldi inputs with ark offsets need it
+
+    where = f"{ark}:{offset}"
+    if not ark.is_file():
+        raise AudioFileMissing(f"{where}: ark file not found")
+    with open(ark, "rb") as f:
+        f.seek(offset)
+        flag = f.read(5)
+        if not flag.startswith(_ARK_AUDIO_FLAGS):
+            raise AudioDecodeError(
+                f"{where}: not a WAV or kaldiio audio record (starts with {flag!r}); a wav.scp "
+                "ark entry must hold audio, e.g. from `wav-copy`, not features"
+            )
+        f.seek(offset)
+        try:
+            rate, audio = kaldiio.matio.read_kaldi(f)
+        except (ValueError, EOFError, RuntimeError, OSError, sf.SoundFileError) as exc:
+            raise AudioDecodeError(f"{where}: cannot decode the ark entry ({exc})") from exc
+    audio = np.asarray(audio)
+    if audio.dtype == np.uint8:  # 8-bit WAV is unsigned
+        audio = (audio.astype(np.float32) - 128) / 128
+    elif np.issubdtype(audio.dtype, np.integer):
+        audio = audio.astype(np.float32) / -np.iinfo(audio.dtype).min
+    return to_mono_16k(audio, int(rate))
+
+
+def run_audio_command(command: str, where: str) -> np.ndarray:
+    """Run a Kaldi piped rxfilename (`flac -c -d -s x.flac |`) through /bin/sh, as Kaldi does,
+    and decode its stdout as an audio file. Only reached with `--allow-pipes`."""
+    result = subprocess.run(
+        command.strip().strip("|"),
+        shell=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    stderr = result.stderr.decode("utf-8", "replace").strip()[-300:]
+    if result.returncode == COMMAND_NOT_FOUND:
+        # Every entry using this program would fail the same way: stop instead of skipping all.
+        raise AudioLLMError(
+            f"{where}: command not found running {command!r} ({stderr}); install it or convert "
+            "the audio to files first"
+        )
+    if result.returncode != 0:
+        raise AudioDecodeError(
+            f"{where}: command {command!r} exited with status {result.returncode}: {stderr}"
+        )
+    return decode_flac(result.stdout, f"{where}: output of {command!r}")
+
+
+def load_utterance_audio(utt: Utterance, allow_pipes: bool) -> np.ndarray:
+    """The audio of one utterance: a file (segment), an ark entry, or a command's output."""
+    if utt.command is not None:
+        if not allow_pipes:
+            raise AudioLLMError(f"{utt.id}: {utt.command!r} is a command; pass --allow-pipes")
+        return run_audio_command(utt.command, utt.id)
+    if utt.ark_offset is not None:
+        return read_ark_audio(utt.audio, utt.ark_offset)
+    return load_audio(utt.audio, utt.offset, utt.duration)
+
+
 def prepare_sample(key: str, utt: Utterance, settings: PackSettings) -> Prepared | Skipped:
     """Decode, check and featurise one utterance. Skips are returned, not raised, to be counted."""
     text = normalize_transcript(utt.text)
     if not text:
         return Skipped(key, utt.id, "empty_text", f"{utt.source}: empty transcript")
-    if utt.audio is None:
+    if utt.audio is None and utt.command is None:
         return Skipped(key, utt.id, "missing_file", f"{utt.source}: no audio listed for it")
     try:
-        audio = load_audio(utt.audio, utt.offset, utt.duration)
+        audio = load_utterance_audio(utt, settings.allow_pipes)
     except AudioFileMissing as exc:
         return Skipped(key, utt.id, "missing_file", str(exc))
     except AudioDecodeError as exc:
@@ -575,6 +691,8 @@ class PackReport:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    commands: int = 0  # wav.scp commands run (--allow-pipes)
+    command_examples: list[str] = field(default_factory=list)
 
     def skip(self, item: Skipped, log: Callable[[str], None] | None) -> None:
         self.skipped[item.reason] += 1
@@ -583,8 +701,15 @@ class PackReport:
             if log is not None:
                 log(f"skip ({item.reason.replace('_', ' ')}) {item.utt_id}: {item.detail}")
 
+    def ran_command(self, utt: Utterance, log: Callable[[str], None] | None) -> None:
+        self.commands += 1
+        if len(self.command_examples) < SKIP_LOG_LIMIT:
+            self.command_examples.append(f"{utt.id}: {utt.command}")
+            if log is not None:
+                log(f"ran (--allow-pipes) {self.command_examples[-1]}")
+
     def to_dict(self) -> dict:
-        return {
+        report = {
             "inputs": self.inputs,
             "samples_written": self.samples,
             "hours_written": round(self.seconds / 3600, 6),
@@ -593,6 +718,10 @@ class PackReport:
             "skipped_total": sum(self.skipped.values()),
             "skip_examples": {r: self.examples[r] for r in SKIP_REASONS if self.examples[r]},
         }
+        if self.commands:  # only with --allow-pipes: what ran, for the record
+            report["commands_run"] = self.commands
+            report["command_examples"] = self.command_examples
+        return report
 
 
 def report_summary(report: dict) -> str:
@@ -609,6 +738,12 @@ def report_summary(report: dict) -> str:
     if unnamed:
         more = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in unnamed.items())
         lines.append(f"(skips not named individually: {more})")
+    if report.get("commands_run"):
+        examples = report["command_examples"]
+        lines.append(f"ran {report['commands_run']} wav.scp command(s) (--allow-pipes):")
+        lines += [f"  {command}" for command in examples]
+        if report["commands_run"] > len(examples):
+            lines.append(f"  ... and {report['commands_run'] - len(examples)} more like these")
     return "\n".join(lines)
 
 
@@ -639,6 +774,7 @@ class PackOptions:
     seed: int = 0
     overwrite: bool = False
     quiet: bool = False
+    allow_pipes: bool = False
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -705,7 +841,7 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
     With `options.workers > 1` worker processes are spawned, so a script calling this needs the
     usual `if __name__ == "__main__":` guard.
     """
-    utterances = read_inputs(inputs, options.fmt)
+    utterances = read_inputs(inputs, options.fmt, options.allow_pipes)
     if not utterances:
         raise AudioLLMError(f"no utterances found in {', '.join(map(str, inputs))}")
     # Sort by id so output depends on content, not on input order or file-system listing order.
@@ -735,7 +871,9 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
                 f"feature extractor gives {features['n_mels']} mel bins but {options.encoder} "
                 f"expects {encoder_info['num_mel_bins']}; use the encoder's own extractor"
             )
-    settings = PackSettings(options.mode, options.long_audio, options.min_seconds, mel_filters)
+    settings = PackSettings(
+        options.mode, options.long_audio, options.min_seconds, mel_filters, options.allow_pipes
+    )
 
     _prepare_out_dir(options)
     report = PackReport(inputs=len(tasks))
@@ -759,8 +897,12 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
 
     stream = _prepared_stream(tasks, settings, options.workers)
     try:
-        for item in stream:
+        for (_, utt), item in zip(tasks, stream, strict=True):
             progress.update()
+            # prepare_sample runs an utterance's command unless its transcript is empty
+            ran = utt.command is not None
+            if ran and not (isinstance(item, Skipped) and item.reason == "empty_text"):
+                report.ran_command(utt, log)
             if isinstance(item, Skipped):
                 report.skip(item, log)
             elif batcher is None:
@@ -878,19 +1020,29 @@ def _check_shard(index: dict, path: Path, entry: dict, seen: set[str]) -> list[s
         return [*problems, f"{path.name}: unreadable tar ({exc})"]
 
     seconds = 0.0
+    rejected: list[str] = []  # keys whose audio cannot be checked or counted
     for key in order:
         found = members[key]
         where = f"{path.name}:{key}"
         if key in seen:
             problems.append(f"{where}: key also appears in an earlier shard")
         seen.add(key)
-        if set(found) != {"json", payload}:
+        if not {"json", payload} <= set(found):
             problems.append(f"{where}: members {sorted(found)}, expected json + {payload}")
+            rejected.append(key)
             continue
+        extra = sorted(set(found) - {"json", payload})
+        if extra:
+            # The loader ignores such members and still trains on the sample: check it as usual.
+            problems.append(
+                f"{where}: extra members {extra} beside json + {payload} (the loader skips "
+                "them; re-pack to drop them)"
+            )
         try:
             meta = json.loads(found["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append(f"{where}.json: not valid JSON ({exc})")
+            rejected.append(key)
             continue
         if not isinstance(meta.get("text"), str) or not meta["text"]:
             problems.append(f"{where}.json: empty or missing text")
@@ -903,13 +1055,25 @@ def _check_shard(index: dict, path: Path, entry: dict, seen: set[str]) -> list[s
             problems.append(f"{where}.{payload}: cannot decode ({exc})")
     if len(order) != entry.get("samples"):
         problems.append(f"{path.name}: {len(order)} samples, index says {entry.get('samples')}")
-    if not math.isclose(seconds, float(entry.get("seconds", -1)), abs_tol=0.01):
+    if rejected:
+        # A seconds mismatch would only restate the rejections above: say what it means instead.
+        uncounted = float(entry.get("seconds", 0.0)) - seconds
+        problems.append(
+            f"{path.name}: {len(rejected)} sample(s) rejected above (missing members or bad "
+            f"json: {', '.join(rejected[:3])}{', ...' if len(rejected) > 3 else ''}), so their "
+            f"{uncounted:.3f} s of audio (per index.json) are not counted"
+        )
+    elif not math.isclose(seconds, float(entry.get("seconds", -1)), abs_tol=0.01):
         problems.append(f"{path.name}: {seconds:.3f} s of audio, index says {entry.get('seconds')}")
     return problems
 
 
 def verify(out_dir: str | Path) -> list[str]:
-    """Re-read every shard listed in index.json; returns the problems found (empty if none)."""
+    """Re-read every shard listed in index.json; returns the problems found (empty if none).
+
+    `.tar` files in the folder that the index does not list are problems too: training never
+    reads them, which is rarely what whoever put them there meant.
+    """
     out_dir = Path(out_dir)
     index = load_index(out_dir)
     problems: list[str] = []
@@ -923,6 +1087,13 @@ def verify(out_dir: str | Path) -> list[str]:
     totals = index.get("totals", {})
     if totals.get("samples") != sum(s.get("samples", 0) for s in index["shards"]):
         problems.append("index.json: totals.samples is not the sum of the shards' samples")
+    listed = {str(entry.get("name")) for entry in index["shards"]}
+    for path in sorted(out_dir.glob("*.tar")):
+        if path.name not in listed:
+            problems.append(
+                f"{path.name}: in the folder but not in index.json (not used for training; "
+                "delete it or re-pack)"
+            )
     return problems
 
 
@@ -956,6 +1127,7 @@ examples:
   audio-llm pack --input train.jsonl --out shards/train
   audio-llm pack --input LibriSpeech/train-clean-100 --out shards/ls100 --workers 8
   audio-llm pack --input data/train --format kaldi --out shards/mel --mode mel --n-mels 80
+  audio-llm pack --input data/train --allow-pipes --out shards/train  # wav.scp has `cmd |`
   audio-llm pack --input train.jsonl --out shards/enc --mode encoder --encoder whisper-small
   audio-llm pack --verify shards/train"""
 
@@ -982,6 +1154,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="input format (default auto: file -> jsonl, dir with wav.scp -> kaldi, "
         "dir with *.trans.txt -> librispeech)",
+    )
+    io_args.add_argument(
+        "--allow-pipes",
+        action="store_true",
+        help="Kaldi wav.scp: run piped entries (`sox x.wav -t wav - |`) through /bin/sh and "
+        "pack their output; refused by default. The commands are listed in the report. "
+        "Ark offsets (`foo.ark:1234`) are read without this flag",
     )
     io_args.add_argument("--out", metavar="DIR", help="output folder for shards and index.json")
     io_args.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
@@ -1130,6 +1309,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        allow_pipes=args.allow_pipes,
     )
     index = pack(args.input, options)
     print(report_summary(index["report"]))

@@ -19,7 +19,15 @@ from audio_llm.cli import main
 from audio_llm.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
 from audio_llm.errors import AudioLLMError
 from audio_llm.features import log_mel
-from audio_llm.pack import PackOptions, assign_keys, pack, read_inputs, verify
+from audio_llm.pack import (
+    PackOptions,
+    PackSettings,
+    Utterance,
+    assign_keys,
+    pack,
+    read_inputs,
+    verify,
+)
 
 PCM16_STEP = 1 / 32768
 
@@ -178,6 +186,120 @@ def test_kaldi_piped_wav_scp_is_refused_naming_the_line(tmp_path):
         f.write("u3 sox in.sph -t wav - |\n")
     with pytest.raises(AudioLLMError, match=r"wav\.scp:3: piped entry"):
         read_inputs([data])
+
+
+def _int16_clip(seconds: float, seed: int) -> np.ndarray:
+    return np.round(_speech_like(seconds, seed=seed) * 32767).astype(np.int16)
+
+
+def test_kaldi_ark_offsets_are_read_without_running_anything(tmp_path):
+    import kaldiio
+
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    clips = {"u1": _int16_clip(0.8, 1), "u2": _int16_clip(0.9, 2), "u3": _int16_clip(0.7, 3)}
+    # u1, u2: whole WAV files in the ark, as `wav-copy` writes them (kaldiio's wav format)
+    kaldiio.save_ark(
+        str(tmp_path / "wav.ark"),
+        {k: (16000, clips[k]) for k in ("u1", "u2")},
+        scp=str(tmp_path / "wav_ark.scp"),
+    )
+    # u3: kaldiio's length-prefixed AUDIO record (FLAC inside)
+    kaldiio.save_ark(
+        str(tmp_path / "flac.ark"),
+        {"u3": (16000, clips["u3"])},
+        scp=str(tmp_path / "flac_ark.scp"),
+        write_function="soundfile",
+        write_kwargs={"format": "flac"},
+    )
+    # u4: feature matrices are not audio; u5: an "ark" named like a command is opened as a file
+    kaldiio.save_ark(str(tmp_path / "feats.ark"), {"u4": np.ones((3, 4), np.float32)})
+    marker = tmp_path / "MARKER"
+    scp = (tmp_path / "wav_ark.scp").read_text() + (tmp_path / "flac_ark.scp").read_text()
+    scp += f"u4 {tmp_path / 'feats.ark'}:3\nu5 touch {marker} |:0\n"
+    assert ".ark:" in scp and scp.count("\n") == 5
+    (data / "wav.scp").write_text(scp)
+    (data / "text").write_text("u1 one\nu2 two\nu3 three\nu4 four\nu5 five\n")
+
+    index = pack([data], PackOptions(out=tmp_path / "out", quiet=True))
+    assert index["report"]["samples_written"] == 3
+    assert index["report"]["skipped"]["undecodable"] == 1  # u4: features
+    assert "not a WAV or kaldiio audio record" in index["report"]["skip_examples"]["undecodable"][0]
+    assert index["report"]["skipped"]["missing_file"] == 1  # u5: no such ark file
+    assert not marker.exists() and "commands_run" not in index["report"]
+    samples = _read_shards(tmp_path / "out")
+    for key, clip in clips.items():
+        decoded, rate = sf.read(io.BytesIO(samples[key]["flac"]), dtype="int16")
+        assert rate == 16000
+        np.testing.assert_array_equal(decoded, clip)  # 16-bit in, 16-bit out: exact
+        assert json.loads(samples[key]["json"])["source"].startswith(str(tmp_path))
+
+
+def _piped_kaldi_dir(tmp_path: Path) -> tuple[Path, Path]:
+    data = _kaldi_dir(tmp_path)
+    wav3 = _write(tmp_path / "wav" / "u3.wav", 0.6, seed=3)
+    marker = tmp_path / "MARKER"
+    with open(data / "wav.scp", "a") as f:
+        f.write(f"u3 touch {marker} && cat {wav3} |\n")
+    return data, marker
+
+
+def test_kaldi_piped_entry_is_refused_without_allow_pipes_and_runs_nothing(tmp_path, capsys):
+    data, marker = _piped_kaldi_dir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["pack", "--input", str(data), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "wav.scp:3: piped entry" in err and "'u3'" in err
+    assert "--allow-pipes" in err and "wav-copy" in err  # both ways forward are named
+    assert not marker.exists()
+    assert not (out / "index.json").exists()
+
+
+def test_commands_never_run_unless_the_settings_allow_them(tmp_path):
+    marker = tmp_path / "MARKER"
+    utt = Utterance(id="u", audio=None, text="x", source="cmd", command=f"touch {marker} |")
+    with pytest.raises(AudioLLMError, match="--allow-pipes"):
+        pack_module.prepare_sample("u", utt, PackSettings("audio"))
+    assert not marker.exists()
+
+
+def test_kaldi_piped_entry_packs_with_allow_pipes_and_the_report_shows_it(tmp_path, capsys):
+    data, marker = _piped_kaldi_dir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["pack", "--input", str(data), "--out", str(out), "--allow-pipes"]) == 0
+    captured = capsys.readouterr()
+    assert marker.exists()
+    command = f"u3: touch {marker} && cat {tmp_path / 'wav' / 'u3.wav'} |"
+    assert f"ran 1 wav.scp command(s) (--allow-pipes):\n  {command}" in captured.out
+    assert f"ran (--allow-pipes) {command}" in captured.err  # the log names it too
+    index = json.loads((out / "index.json").read_text())
+    assert index["report"]["commands_run"] == 1
+    assert index["report"]["command_examples"] == [command]
+    assert index["report"]["samples_written"] == 3
+    decoded, _ = sf.read(io.BytesIO(_read_shards(out)["u3"]["flac"]), dtype="float32")
+    expected = load_audio(tmp_path / "wav" / "u3.wav")
+    np.testing.assert_allclose(decoded, expected, atol=PCM16_STEP)
+
+
+def test_allowed_pipe_that_fails_is_counted_with_its_exit_status(tmp_path):
+    data = _kaldi_dir(tmp_path)
+    with open(data / "wav.scp", "a") as f:
+        f.write("u3 echo broken >&2; exit 3 |\n")
+    index = pack([data], PackOptions(out=tmp_path / "out", allow_pipes=True, quiet=True))
+    assert index["report"]["skipped"]["undecodable"] == 1
+    detail = index["report"]["skip_examples"]["undecodable"][0]
+    assert "exited with status 3: broken" in detail
+
+
+def test_allowed_pipe_whose_program_is_missing_stops_the_pack(tmp_path, capsys):
+    data = _kaldi_dir(tmp_path)
+    with open(data / "wav.scp", "a") as f:
+        f.write("u3 no-such-program-xyz in.sph |\n")
+    out = tmp_path / "out"
+    assert main(["pack", "--input", str(data), "--out", str(out), "--allow-pipes", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "u3: command not found running 'no-such-program-xyz in.sph |'" in err
+    assert not (out / "index.json").exists()
 
 
 def test_several_inputs_get_unique_keys(corpus, tmp_path):
@@ -363,6 +485,67 @@ def test_verify_catches_a_missing_payload(corpus, tmp_path):
             tar.addfile(info, io.BytesIO(data))
     problems = verify(out)
     assert any("audio_stereo: members ['json'], expected json + flac" in p for p in problems)
+
+
+def _rewrite_shard(shard: Path, edit) -> None:
+    """Rewrite a tar shard with `edit(members) -> members`, members as (TarInfo, bytes)."""
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in edit(members):
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_verify_names_extra_members_without_a_misleading_seconds_line(corpus, tmp_path):
+    out = tmp_path / "out"
+    index = pack([corpus], PackOptions(out=out, quiet=True))
+
+    def add_txt(members):
+        extra = []
+        for info, data in members:
+            extra.append((info, data))
+            if info.name.endswith(".flac"):
+                extra.append((tarfile.TarInfo(info.name.replace(".flac", ".txt")), b"x"))
+        return extra
+
+    _rewrite_shard(out / index["shards"][0]["name"], add_txt)
+    problems = verify(out)
+    assert (
+        "shard-000000.tar:spk1_utt_1: extra members ['txt'] beside json + flac (the loader skips "
+        "them; re-pack to drop them)"
+    ) in problems
+    assert sum("extra members" in p for p in problems) == 2
+    # the loader trains on these samples, so their audio is checked and counted as usual
+    assert not any("s of audio" in p or "rejected" in p for p in problems)
+
+
+def test_verify_says_rejected_samples_audio_is_not_counted(corpus, tmp_path):
+    out = tmp_path / "out"
+    index = pack([corpus], PackOptions(out=out, quiet=True))
+    entry = index["shards"][0]
+    _rewrite_shard(
+        out / entry["name"], lambda ms: [m for m in ms if m[0].name != "spk1_utt_1.flac"]
+    )
+    problems = verify(out)
+    assert not any("s of audio, index says" in p for p in problems)
+    assert (
+        f"{entry['name']}: 1 sample(s) rejected above (missing members or bad json: "
+        in (problems[-1])
+    )
+    assert "so their 1.500 s of audio (per index.json) are not counted" in problems[-1]
+
+
+def test_verify_reports_tar_files_the_index_does_not_list(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    pack([corpus], PackOptions(out=out, quiet=True))
+    shutil.copy(out / "shard-000000.tar", out / "unlisted.tar")
+    assert verify(out) == [
+        "unlisted.tar: in the folder but not in index.json (not used for training; "
+        "delete it or re-pack)"
+    ]
+    assert main(["pack", "--verify", str(out)]) == 1
+    assert "FAIL unlisted.tar: in the folder but not in index.json" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- CLI, failures
