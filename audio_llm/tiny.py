@@ -4,11 +4,17 @@
 later step loads them through the same `from_pretrained` code that loads the real 7B models.
 Everything is derived from the seed: same seed, same bytes. The random Whisper's residual branches
 and positions are scaled down (`WHISPER_PASSTHROUGH`) so that, frozen, it passes the audio on.
+
+`audio-llm tiny --like whisper-large-v3,qwen2-vl-2b --out DIR` writes the same two folders at the
+published shapes (`audio_llm.arch`) with random bf16 weights instead: for smoke-testing a cluster's
+launch, memory and speed before downloading the real checkpoints. The tokenizer is still the tiny
+one (its ids fit any embedding table); `--layers` and `--shrink` make smaller relatives for tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import nn
 from transformers import (
     GenerationConfig,
     Qwen2VLConfig,
@@ -25,6 +32,10 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+from transformers.models.whisper.modeling_whisper import sinusoids
+
+from audio_llm.arch import PUBLISHED
+from audio_llm.errors import AudioLLMError
 
 # Qwen2-VL's own special tokens, so prompts and the audio placeholder written for the tiny
 # tokenizer are valid for the real one too.
@@ -237,6 +248,174 @@ def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None 
     }
 
 
+# -- published shapes, random weights ---------------------------------------------------------
+LIKE_ENCODERS = ("whisper-large-v3",)
+LIKE_LLMS = ("qwen2-vl-2b", "qwen2-vl-7b")
+
+
+def like_whisper_config(name: str, layers: int = 0, shrink: int = 1) -> WhisperConfig:
+    """The published config of `name` (audio_llm.arch); `layers` > 0 caps the encoder and decoder
+    depth, `shrink` divides the widths (heads kept, so head_dim shrinks too)."""
+    config = copy.deepcopy(PUBLISHED[name]())
+    if layers:
+        config.encoder_layers = min(config.encoder_layers, layers)
+        config.decoder_layers = min(config.decoder_layers, layers)
+    for key in ("d_model", "encoder_ffn_dim", "decoder_ffn_dim"):
+        setattr(config, key, _divide(getattr(config, key), shrink, f"{name} {key}"))
+    _divide(config.d_model, config.encoder_attention_heads, f"{name} d_model / heads")
+    return config
+
+
+def like_qwen2vl_config(
+    name: str, tokenizer: Qwen2Tokenizer, layers: int = 0, shrink: int = 1
+) -> Qwen2VLConfig:
+    """The published config of `name` with the special-token ids of `tokenizer` (the tiny one:
+    all its ids are below the real vocab size); `layers` caps the text and vision depth,
+    `shrink` divides the widths and M-RoPE sections (heads kept)."""
+    config = copy.deepcopy(PUBLISHED[name]())
+    text, vision = config.text_config, config.vision_config
+    if layers:
+        text.num_hidden_layers = min(text.num_hidden_layers, layers)
+        text.layer_types = text.layer_types[: text.num_hidden_layers]
+        vision.depth = min(vision.depth, layers)
+    text.hidden_size = _divide(text.hidden_size, shrink, f"{name} hidden_size")
+    text.intermediate_size = _divide(text.intermediate_size, shrink, f"{name} intermediate_size")
+    head_dim = _divide(text.hidden_size, text.num_attention_heads, f"{name} hidden / heads")
+    rope = dict(text.rope_parameters)
+    rope["mrope_section"] = [
+        _divide(n, shrink, f"{name} mrope_section") for n in rope["mrope_section"]
+    ]
+    if sum(rope["mrope_section"]) * 2 != head_dim:
+        raise AudioLLMError(f"--shrink {shrink}: {name}'s M-RoPE sections no longer fit its heads")
+    text.rope_parameters = rope
+    vision.embed_dim = _divide(vision.embed_dim, shrink, f"{name} vision embed_dim")
+    vision.hidden_size = text.hidden_size
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    text.bos_token_id = text.pad_token_id = ids["<|endoftext|>"]
+    text.eos_token_id = ids["<|im_end|>"]
+    config.image_token_id = ids["<|image_pad|>"]
+    config.video_token_id = ids["<|video_pad|>"]
+    config.vision_start_token_id = ids["<|vision_start|>"]
+    config.vision_end_token_id = ids["<|vision_end|>"]
+    return config
+
+
+def _divide(value: int, by: int, what: str) -> int:
+    if by < 1 or value % by:
+        raise AudioLLMError(f"{what} = {value} is not divisible by {by}: pick another --shrink")
+    return value // by
+
+
+def _random_model(cls: type, config, seed: int, std: float, device: torch.device) -> nn.Module:
+    """`cls(config)` in bf16 with random weights, built without HF's per-module init (minutes
+    for 2B parameters on a CPU): allocated on `device`, then one fill per tensor. Linear, conv
+    and embedding weights ~ N(0, std), biases 0, norm weights 1 (what HF's init draws)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty made new tensors: re-share the tied embedding
+    generator = torch.Generator(device).manual_seed(seed)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if name == "bias":
+                    param.zero_()
+                elif is_norm:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std, generator=generator)
+    return model
+
+
+def _init_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def write_like_whisper(
+    out_dir: str | Path,
+    name: str = "whisper-large-v3",
+    seed: int = 0,
+    layers: int = 0,
+    shrink: int = 1,
+    device: str | None = None,
+) -> Path:
+    """Write a Whisper seq2seq checkpoint at `name`'s shapes with random bf16 weights, and its
+    feature extractor (128 mel bins for large-v3). Same seed and device: same bytes."""
+    config = like_whisper_config(name, layers, shrink)
+    whisper = _random_model(
+        WhisperForConditionalGeneration, config, seed, config.init_std, _init_device(device)
+    )
+    positions = whisper.model.encoder.embed_positions.weight
+    with torch.no_grad():  # fixed sinusoids, as HF initialises (and trains) them
+        positions.copy_(sinusoids(*positions.shape).to(positions))
+    whisper.save_pretrained(out_dir)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def write_like_llm(
+    out_dir: str | Path,
+    name: str = "qwen2-vl-2b",
+    seed: int = 0,
+    layers: int = 0,
+    shrink: int = 1,
+    device: str | None = None,
+) -> Path:
+    """Write a Qwen2-VL checkpoint at `name`'s shapes (vision tower included, as published) with
+    random bf16 weights, and the tiny BPE tokenizer. Same seed and device: same bytes."""
+    tokenizer = build_tokenizer(TinySpec().tokenizer_vocab, seed)
+    config = like_qwen2vl_config(name, tokenizer, layers, shrink)
+    std = config.text_config.initializer_range
+    llm = _random_model(
+        Qwen2VLForConditionalGeneration, config, seed + 1, std, _init_device(device)
+    )
+    llm.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    llm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def write_like_models(
+    out_dir: str | Path,
+    like: list[str],
+    seed: int = 0,
+    layers: int = 0,
+    shrink: int = 1,
+    device: str | None = None,
+) -> dict:
+    """DIR/whisper and DIR/qwen2vl at published shapes: `like` names one encoder
+    (LIKE_ENCODERS) and one LLM (LIKE_LLMS)."""
+    encoders = [n for n in like if n in LIKE_ENCODERS]
+    llms = [n for n in like if n in LIKE_LLMS]
+    unknown = [n for n in like if n not in LIKE_ENCODERS + LIKE_LLMS]
+    if unknown or len(encoders) != 1 or len(llms) != 1:
+        raise AudioLLMError(
+            f"--like {','.join(like)}: name one encoder of {list(LIKE_ENCODERS)} and one LLM of "
+            f"{list(LIKE_LLMS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    if layers < 0:
+        raise AudioLLMError(f"--layers must be >= 0 (0: the published depth), got {layers}")
+    out = Path(out_dir)
+    return {
+        "whisper": write_like_whisper(out / "whisper", encoders[0], seed, layers, shrink, device),
+        "qwen2vl": write_like_llm(out / "qwen2vl", llms[0], seed, layers, shrink, device),
+    }
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tiny",
@@ -245,20 +424,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Write OUT/whisper (Whisper seq2seq checkpoint + feature extractor) and OUT/qwen2vl "
             "(Qwen2-VL model + BPE tokenizer with Qwen2-VL special tokens and chat template), "
             "randomly initialised from SEED (Whisper's random layers scaled to pass the audio "
-            "through, see WHISPER_PASSTHROUGH). Point model.encoder / model.llm at them."
+            "through, see WHISPER_PASSTHROUGH). Point model.encoder / model.llm at them. "
+            "With --like: the same folders at the published shapes, random bf16 weights at the "
+            "configs' init std (no passthrough scaling), for speed and memory smoke tests."
         ),
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    like = p.add_argument_group(
+        "published shapes, random weights (instead of the tiny sizes below)"
+    )
+    like.add_argument(
+        "--like",
+        metavar="ENCODER,LLM",
+        help=f"e.g. whisper-large-v3,qwen2-vl-2b: the real models' shapes (encoders: "
+        f"{', '.join(LIKE_ENCODERS)}; LLMs: {', '.join(LIKE_LLMS)}), random bf16 weights, "
+        "the tiny tokenizer",
+    )
+    like.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="with --like: cap every stack's depth (default 0: all)",
+    )
+    like.add_argument(
+        "--shrink", type=int, default=1, help="with --like: divide the widths by K (default 1)"
+    )
+    like.add_argument(
+        "--device", help="with --like: where to draw the weights (default cuda if available)"
+    )
+    sizes = p.add_argument_group("tiny sizes")
     for name, value in asdict(TinySpec()).items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=int, default=value, help=f"default {value}")
+        sizes.add_argument(flag, type=int, default=value, help=f"default {value}")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     spec = TinySpec(**{k: getattr(args, k) for k in asdict(TinySpec())})
-    paths = write_tiny_models(args.out, args.seed, spec)
+    if args.like:
+        if spec != TinySpec():
+            raise AudioLLMError("--like sets the shapes: drop the tiny size flags")
+        like = [n.strip() for n in args.like.split(",") if n.strip()]
+        paths = write_like_models(args.out, like, args.seed, args.layers, args.shrink, args.device)
+    elif args.layers or args.shrink != 1 or args.device:
+        raise AudioLLMError("--layers, --shrink and --device go with --like")
+    else:
+        paths = write_tiny_models(args.out, args.seed, spec)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

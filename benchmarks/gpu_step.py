@@ -16,6 +16,12 @@ second, the analytic training FLOPs of the batch (`audio_llm.flops`, the figure 
 achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory.
 The FLOP count takes attention over the full T x T; causal kernels execute about half of it, a few
 percent of the total at these lengths.
+
+`--batch-from SHARDS` (with `--encoder` and `--llm` checkpoint folders, e.g. from
+`audio-llm tiny --like ...`) times the training path's own pieces instead: the model from
+`build_audio_llm` and one batch of `--batch` rows from the package's loader over SHARDS, repeated
+every step. `benchmarks/gpu_suite.py` uses it to time the raw step on exactly the batch shapes a
+`deepspeed launch/stage2.py` run of the same shards trains on.
 """
 
 from __future__ import annotations
@@ -138,17 +144,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def loaded_model_and_batch(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[AudioLLM, dict, float]:
+    """`build_audio_llm` on the checkpoint folders, and the first batch the package's loader
+    makes of `--batch-from` (on `device`); also its audio seconds."""
+    from audio_llm.config import DataConfig, ModelConfig
+    from audio_llm.data import build_loader
+    from audio_llm.model import DTYPES, build_audio_llm
+
+    cfg = ModelConfig(
+        encoder=args.encoder,
+        llm=args.llm,
+        projector=args.projector,
+        stack_factor=args.stack,
+        varlen_encoder=args.varlen,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dtype={v: k for k, v in DTYPES.items()}[dtype],
+    )
+    lora = LoraConfig(rank=args.lora_rank) if args.lora_rank else None
+    model = build_audio_llm(cfg, lora, device=device)
+    data = DataConfig(train_shards=str(args.batch_from), batch_size=args.batch, num_workers=0)
+    batch = next(iter(build_loader(data, model, spec=data.train_shards)))
+    seconds = float(batch["stats"]["audio_seconds"])
+    tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return model, tensors, seconds
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     built = time.perf_counter()
-    model = build_model(args, device, dtype)
+    if args.batch_from:
+        model, batch, audio_seconds = loaded_model_and_batch(args, device, dtype)
+    else:
+        model = build_model(args, device, dtype)
+        batch = synthetic_batch(model, args, device)
+        audio_seconds = args.batch * args.seconds
     model.train()
     build_s = time.perf_counter() - built
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    batch = synthetic_batch(model, args, device)
     shape = ModelShape.from_model(model)
     flops = batch_flops_from_tensors(shape, {k: v.cpu() for k, v in batch.items()}).executed
 
@@ -173,8 +210,10 @@ def run(args: argparse.Namespace) -> dict:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
-        "model": "tiny" if args.tiny else f"{args.encoder} + {args.llm}",
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model": "tiny" if args.tiny and not args.batch_from else f"{args.encoder} + {args.llm}",
+        "config": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"
+        },
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "batch_shape": {k: list(v.shape) for k, v in batch.items()},
@@ -182,8 +221,11 @@ def run(args: argparse.Namespace) -> dict:
         "timed_steps": len(times),
         "step_times_s": times,
         "step_s": step_s,
-        "tokens_per_s": positions / step_s,  # LLM positions: audio + text, no padding here
-        "audio_seconds_per_s": args.batch * args.seconds / step_s,
+        # LLM positions: audio + text (synthetic batches have no padding; loader batches may)
+        "tokens_per_s": positions / step_s,
+        "real_tokens_per_s": int(batch["attention_mask"].sum()) / step_s,
+        "audio_seconds_per_step": audio_seconds,
+        "audio_seconds_per_s": audio_seconds / step_s,
         "flops_per_step": {
             "encoder": flops.encoder,
             "projector": flops.projector,
@@ -220,12 +262,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     add("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="default 989 (H100 bf16)")
     add("--device", help="default: cuda if available, else cpu")
+    add(
+        "--batch-from",
+        type=Path,
+        metavar="SHARDS",
+        help="time build_audio_llm(--encoder, --llm folders) on the loader's first batch of "
+        "these packed shards instead of a synthetic batch (--seconds, --text-tokens unused)",
+    )
     add("--out", type=Path, default=Path("benchmarks/results/gpu_step.json"), help="JSON results")
     args = p.parse_args(argv)
     if min(args.batch, args.steps, args.stack) < 1 or args.warmup < 0 or args.lora_rank < 0:
         p.error("--batch, --steps, --stack must be >= 1; --warmup, --lora-rank >= 0")
     if not 0 < args.seconds <= 30:
         p.error("--seconds must be in (0, 30]: Whisper's window")
+    if args.batch_from and not all(
+        Path(d, "config.json").is_file() for d in (args.encoder, args.llm)
+    ):
+        p.error("--batch-from needs --encoder and --llm checkpoint folders (audio-llm tiny)")
     return args
 
 
@@ -236,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = report["max_memory_allocated_gib"]
     print(
         f"{report['model']} on {report['device_name']} ({report['dtype']}), batch "
-        f"{report['batch_shape']['input_ids']} positions, {args.seconds:g} s audio per row\n"
+        f"{report['batch_shape']['input_ids']} positions, "
+        f"{report['audio_seconds_per_step']:g} s audio in all\n"
         f"  trainable {report['trainable_params'] / 1e6:.2f}M of "
         f"{report['total_params'] / 1e6:.1f}M parameters; built in {report['build_s']:.1f} s\n"
         f"  step {report['step_s'] * 1e3:.1f} ms (mean of {report['timed_steps']}), "

@@ -1,5 +1,7 @@
 import hashlib
+import json
 
+import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
@@ -90,3 +92,76 @@ def test_frozen_random_whisper_passes_its_conv_features_through(tiny_models):
         out, _ = AudioEncoder(whisper, varlen=True)(mel, torch.tensor([400]))
     ref = torch.nn.functional.layer_norm(conv, conv.shape[-1:])
     assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean() > 0.8
+
+
+def test_like_writes_published_shapes_that_the_training_path_loads_and_runs(tmp_path):
+    """`--like` at the real widths/8 and one layer per stack (the CPU can hold that): the
+    folders load through build_audio_llm, the shapes are the published ones scaled, and a
+    forward + backward runs with LoRA."""
+    from audio_llm.config import LoraConfig, ModelConfig
+    from audio_llm.model import build_audio_llm
+    from tests.helpers import training_batch
+
+    like = ["tiny", "--like", "whisper-large-v3,qwen2-vl-2b", "--out", str(tmp_path)]
+    assert main([*like, "--layers", "1", "--shrink", "8", "--device", "cpu"]) == 0
+    cfg = ModelConfig(
+        encoder=str(tmp_path / "whisper"),
+        llm=str(tmp_path / "qwen2vl"),
+        dtype="float32",
+        varlen_encoder=True,
+        stack_factor=8,
+        projector="mlp",
+    )
+    model = build_audio_llm(cfg, LoraConfig())
+    whisper, text = model.encoder.whisper.config, model.llm.config.text_config
+    assert (whisper.num_mel_bins, whisper.d_model, whisper.encoder_layers) == (128, 160, 1)
+    assert model.feature_extractor.feature_size == 128
+    assert (text.vocab_size, text.hidden_size, text.intermediate_size) == (151936, 192, 1120)
+    assert (text.num_attention_heads, text.num_key_value_heads) == (12, 2)
+    assert model.llm.config.tie_word_embeddings and len(model.tokenizer) <= text.vocab_size
+    saved = json.loads((tmp_path / "qwen2vl" / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "bfloat16"
+    embed = model.llm.get_input_embeddings().weight
+    assert 0.015 < float(embed.std()) < 0.025  # drawn at initializer_range, not left empty
+
+    batch = training_batch(model, [300, 170], ["the red fox runs", "hello world"])
+    batch["input_features"] = torch.randn(2, 128, 300)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and 10 < float(loss.detach()) < 14  # ln(151936) = 11.9: random
+    assert all(p.grad is not None for p in model.trainable_parameters().values())
+
+
+def test_like_published_sizes_match_the_hub_configs():
+    """Full-size configs (no weights): the numbers the hub's config.json files give."""
+    from audio_llm.tiny import build_tokenizer, like_qwen2vl_config, like_whisper_config
+
+    whisper = like_whisper_config("whisper-large-v3")
+    assert (whisper.num_mel_bins, whisper.d_model, whisper.encoder_layers) == (128, 1280, 32)
+    tok = build_tokenizer()
+    two = like_qwen2vl_config("qwen2-vl-2b", tok).text_config
+    seven = like_qwen2vl_config("qwen2-vl-7b", tok)
+    assert (two.hidden_size, two.num_hidden_layers, two.intermediate_size) == (1536, 28, 8960)
+    assert (two.num_attention_heads, two.num_key_value_heads, two.vocab_size) == (12, 2, 151936)
+    text7 = seven.text_config
+    assert (text7.hidden_size, text7.intermediate_size, text7.vocab_size) == (3584, 18944, 152064)
+    assert (text7.num_attention_heads, text7.num_key_value_heads) == (28, 4)
+    assert not seven.tie_word_embeddings
+    assert seven.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") < 512
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--like", "whisper-large-v3"], "name one encoder"),
+        (["--like", "whisper-large-v3,qwen2-vl-3b"], "unknown: qwen2-vl-3b"),
+        (["--like", "whisper-large-v3,qwen2-vl-2b", "--shrink", "7"], "not divisible by 7"),
+        (["--like", "whisper-large-v3,qwen2-vl-2b", "--llm-layers", "1"], "drop the tiny size"),
+        (["--layers", "2"], "go with --like"),
+    ],
+)
+def test_like_bad_arguments_fail_with_a_message(tmp_path, capsys, args, message):
+    assert main(["tiny", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "qwen2vl").exists()
