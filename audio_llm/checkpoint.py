@@ -22,13 +22,20 @@ DeepSpeed's own `latest` file is kept because DeepSpeed's tools default to it
 tag); it is written at the end of DeepSpeed's save, so it can name a tag whose marker is missing
 if the job died in between. Resuming therefore never reads it: `latest()` scans for markers.
 
-Frozen parameters (the Whisper encoder, the base LLM) are not saved
-(`exclude_frozen_parameters=True`): they come back from the pretrained checkpoints when the model
-is rebuilt. `load()` checks that exactly those, and nothing else, are absent from the file.
+Frozen parameters (the Whisper encoder, the base LLM) are not saved: they come back from the
+pretrained checkpoints when the model is rebuilt, so a checkpoint holds the trainable weights
+(projector, LoRA), persistent buffers and the optimizer state. DeepSpeed's
+`exclude_frozen_parameters=True` alone is not enough: it drops the names `named_parameters()`
+lists, which gives a tied weight once, so the alias (Qwen2-VL's `lm_head.weight`, tied to the
+frozen input embeddings: about 0.47 GB at 2B) stayed in the file. `save()` drops every name a
+frozen parameter goes by. `load()` checks that only frozen parameters are absent from the file;
+older checkpoints that still carry frozen weights load too (those values equal the pretrained
+ones the model was rebuilt with).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +43,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +161,13 @@ class CheckpointManager:
             # start empty, so it never looks complete half-way nor mixes in stale rank shards.
             _remove(path)
         dist.barrier()
-        engine.save_checkpoint(
-            str(self.save_dir),
-            tag=tag,
-            client_state={CLIENT_KEY: client_state},
-            exclude_frozen_parameters=True,
-        )
+        with _without_frozen_aliases(engine):
+            engine.save_checkpoint(
+                str(self.save_dir),
+                tag=tag,
+                client_state={CLIENT_KEY: client_state},
+                exclude_frozen_parameters=True,
+            )
         if rank_state is not None:
             path.mkdir(parents=True, exist_ok=True)  # ranks without DeepSpeed files (no ZeRO)
             target = path / f"rank_{dist.rank():05d}_state.pt"
@@ -188,6 +197,38 @@ class CheckpointManager:
         complete = [path for _, path in _checkpoints(self.run_dir) if is_complete(path)]
         for path in complete[: -self.keep_last]:
             _remove(path)
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    """Every name a frozen parameter goes by, tied aliases included."""
+    return {
+        name
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if not param.requires_grad
+    }
+
+
+@contextlib.contextmanager
+def _without_frozen_aliases(engine: Any) -> Iterator[None]:
+    """While saving, the engine's module state dict leaves out every frozen name.
+
+    DeepSpeed's `save_checkpoint` asks `engine.module_state_dict(...)` for the weights it writes;
+    an instance attribute shadows that method for the one call and is removed afterwards.
+    """
+    full = engine.module_state_dict
+    frozen = frozen_names(engine.module)
+
+    def trainable_state_dict(*args: Any, **kwargs: Any) -> Any:
+        state = full(*args, **kwargs)
+        for name in frozen & set(state):
+            del state[name]
+        return state
+
+    engine.module_state_dict = trainable_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
 
 
 def _remove(path: Path) -> None:
@@ -229,11 +270,7 @@ def load(engine: Any, path: str | Path) -> dict[str, Any]:
             f"{dist.world_size()}: ZeRO optimizer shards cannot be re-split; run with "
             f"{saved_world} ranks, or start fresh from its weights (zero_to_fp32)"
         )
-    frozen = {
-        name
-        for name, param in engine.module.named_parameters(remove_duplicate=False)
-        if not param.requires_grad
-    }
+    frozen = frozen_names(engine.module)
     load_path, client_state = engine.load_checkpoint(
         str(path.parent),
         tag=path.name,

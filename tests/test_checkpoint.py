@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from audio_llm import checkpoint as ckpt
 from audio_llm.checkpoint import CheckpointManager, latest, resolve_resume, tag_for
@@ -24,15 +25,26 @@ from tests.test_dist import deepspeed_cmd, run_launch, worker_env
 class FakeEngine:
     """Writes a tag folder and DeepSpeed's `latest` file, like `engine.save_checkpoint`."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, module: nn.Module | None = None) -> None:
         self.fail = fail
         self.calls: list[dict] = []
+        self.module = module if module is not None else nn.Linear(2, 2)
+
+    def module_state_dict(self, exclude_frozen_parameters=False):
+        # DeepSpeed 0.19's rule: drop the frozen names named_parameters() lists (one per tie)
+        state = self.module.state_dict()
+        if exclude_frozen_parameters:
+            for name, param in self.module.named_parameters():
+                if not param.requires_grad and name in state:
+                    del state[name]
+        return state
 
     def save_checkpoint(self, save_dir, tag, client_state, exclude_frozen_parameters):
         self.calls.append({"tag": tag, "exclude_frozen": exclude_frozen_parameters})
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        states = {"module": self.module_state_dict(exclude_frozen_parameters=True)}
+        torch.save(states, folder / "mp_rank_00_model_states.pt")
         if self.fail:
             raise RuntimeError("killed mid-save")
         (Path(save_dir) / "latest").write_text(tag)
@@ -116,6 +128,30 @@ def test_rank_state_round_trip(tmp_path):
     assert ckpt.load_rank_state(tmp_path) is None
 
 
+class TiedHead(nn.Module):
+    """A frozen embedding and an output layer sharing its weight, as Qwen2-VL ties lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.adapter = nn.Linear(8, 8)  # the trainable part
+        self.head = nn.Linear(8, 50, bias=False)
+        self.head.weight = self.embed.weight
+        self.embed.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(self.embed(ids)))
+
+
+def test_a_tied_frozen_weight_is_not_saved_under_its_alias(tmp_path):
+    engine = FakeEngine(module=TiedHead())
+    path = CheckpointManager(tmp_path, keep_last=1).save(engine, 1, {})
+    saved = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert set(saved) == {"adapter.weight", "adapter.bias"}  # no "head.weight"
+    assert "module_state_dict" not in vars(engine)  # the engine is left as it was
+    assert "head.weight" in engine.module_state_dict()
+
+
 def test_load_refuses_a_folder_without_marker(tmp_path):
     (tmp_path / "step_00000001").mkdir()
     with pytest.raises(AudioLLMError, match="no COMPLETE marker"):
@@ -167,10 +203,19 @@ def test_frozen_parameters_are_not_in_the_checkpoint(deepspeed_run):
     _, ranks, run = deepspeed_run
     files = list((run / "checkpoints" / tag_for(3)).glob("*model_states.pt"))
     assert files
+    assert ranks[0]["aliases"] == ["3.weight"]  # the model has a tied frozen weight to leave out
     for file in files:  # one file, or one per rank under ZeRO-3
         states = torch.load(file, weights_only=False)
-        assert set(states["module"]) == {"2.weight", "2.bias"}  # layer 0 is frozen
+        assert set(states["module"]) == {"2.weight", "2.bias"}  # layer 0 and its alias are frozen
     assert ranks[0]["frozen_unchanged"]
+
+
+def test_an_old_checkpoint_with_frozen_weights_still_resumes(deepspeed_run):
+    _, ranks, _ = deepspeed_run
+    for res in ranks:
+        assert {"0.weight", "3.weight"} <= set(res["old_saved"])  # frozen weights in the file
+        assert res["old_client_state"] == {"step": 3}
+        assert res["old_resume_diff"] < 1e-6
 
 
 def test_zero_to_fp32_reads_our_checkpoint(deepspeed_run):
@@ -191,6 +236,18 @@ def test_load_refuses_a_different_model(deepspeed_run):
 
 
 # -- worker ----------------------------------------------------------------------------------
+class Alias(nn.Module):
+    """Layer 0's frozen weight under a second name, as Qwen2-VL's lm_head shares the frozen input
+    embeddings (named_parameters() lists it once, state_dict() twice). Passes its input on."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def _worker(out_dir: Path, stage: int) -> None:
     import deepspeed
     from torch import nn
@@ -218,6 +275,7 @@ def _worker(out_dir: Path, stage: int) -> None:
         layers.append(nn.Linear(8, 2))
         if extra_layer:
             layers += [nn.ReLU(), nn.Linear(2, 2)]
+        layers.append(Alias(layers[0].weight))  # last, so the other layers keep their names
         model = nn.Sequential(*layers)
         model[0].requires_grad_(False)
         engine, *_ = deepspeed.initialize(
@@ -264,7 +322,19 @@ def _worker(out_dir: Path, stage: int) -> None:
             after_saves = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
             # A job killed after DeepSpeed's files but before our marker:
             a.save_checkpoint(str(run / "checkpoints"), tag=tag_for(4), client_state={})
+            # As saved before frozen weights were left out: every weight, aliases too.
+            a.save_checkpoint(
+                str(out_dir / "old"), tag=tag_for(3), client_state={ckpt.CLIENT_KEY: {"step": 3}}
+            )
+            if me == 0:
+                marker = {"step": 3, "world_size": dist.world_size()}
+                (out_dir / "old" / tag_for(3) / ckpt.MARKER).write_text(json.dumps(marker))
+            dist.barrier()
     uninterrupted = trainable(a)
+    aliases = sorted(
+        {n for n, _ in a.module.named_parameters(remove_duplicate=False)}
+        - {n for n, _ in a.module.named_parameters()}
+    )
 
     b = build(trainable_seed=2)
     fresh_differs = max(
@@ -276,6 +346,12 @@ def _worker(out_dir: Path, stage: int) -> None:
     for step in (4, 5):
         train_step(b, step)
     resumed = trainable(b)
+
+    d = build(trainable_seed=2)
+    old_client_state = ckpt.load(d, out_dir / "old" / tag_for(3))
+    for step in (4, 5):
+        train_step(d, step)
+    old_resumed = trainable(d)
 
     c = build(trainable_seed=1, extra_layer=True)
     try:
@@ -297,6 +373,16 @@ def _worker(out_dir: Path, stage: int) -> None:
         "params_at_3": params_at_3,
         "frozen_unchanged": torch.equal(gathered(b, False)["0.weight"], frozen_before),
         "mismatch_error": mismatch_error,
+        "aliases": aliases,
+        "old_client_state": old_client_state,
+        "old_saved": sorted(
+            torch.load(
+                next((out_dir / "old" / tag_for(3)).glob("*model_states.pt")), weights_only=False
+            )["module"]
+        ),
+        "old_resume_diff": max(
+            (old_resumed[n] - uninterrupted[n]).abs().max().item() for n in old_resumed
+        ),
     }
     (out_dir / f"rank{me}.json").write_text(json.dumps(result))
     dist.shutdown()
