@@ -40,6 +40,12 @@ tensors autograd keeps for backward, measured on the tiny model (`tests/test_pla
   the fp32 log-probabilities it keeps), the largest single term at Qwen2's 152k vocabulary.
 - the frozen encoder runs without grad: one layer's working set (3 d + ffn per frame) at a time.
 
+Against the GPU (`--gpu-memory`, GiB): the run fits if the total above stays within
+(1 - MEMORY_HEADROOM) of it. The headroom (10%) is for what the figures leave out: the CUDA
+context, DeepSpeed's communication buckets and the allocator's fragmentation. Only activations
+grow with the micro batch, so the largest micro batch that fits is found by evaluating the same
+formulas batch by batch, with and without gradient checkpointing.
+
 FLOPs per sample come from `audio_llm.flops` for a sample of the mean length (batch padding not
 included: length-bucketed batches keep it under 5%). Time per epoch = epoch hours of audio /
 mean clip length x FLOPs per sample / (GPUs x peak x MFU).
@@ -52,6 +58,7 @@ import dataclasses
 import functools
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from audio_llm.errors import AudioLLMError
@@ -65,6 +72,8 @@ from audio_llm.flops import (
 GIB = 2**30
 H100_BF16_TFLOPS = 989.0  # dense, SXM
 _WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Kept free of the GPU's memory: CUDA context, communication buckets, allocator fragmentation.
+MEMORY_HEADROOM = 0.10
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class PlanSpec:
     mfu: float = 0.4
     peak_tflops: float = H100_BF16_TFLOPS
     epoch_hours: float = 960.0
+    gpu_memory: float = 80.0  # GiB per GPU (H100/A100 80 GB)
 
     def __post_init__(self) -> None:
         checks = [
@@ -113,6 +123,7 @@ class PlanSpec:
             (0 < self.mfu <= 1, f"--mfu must be in (0, 1] (got {self.mfu})"),
             (self.peak_tflops > 0, f"--peak-tflops must be > 0 (got {self.peak_tflops})"),
             (self.epoch_hours > 0, f"--epoch-hours must be > 0 (got {self.epoch_hours})"),
+            (self.gpu_memory > 0, f"--gpu-memory must be > 0 GiB (got {self.gpu_memory})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -293,6 +304,20 @@ def activation_bytes(
     return {"llm_layers": layers, "logits": logits, "encoder": encoder}
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int = 1 << 20) -> int:
+    """The largest n in [1, limit] with fits(n) (fits must be monotone: true up to some n), or 0."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2  # fits(low); grow high until it does not fit, then bisect
+    while high <= limit and fits(high):
+        low, high = high, 2 * high
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def make_plan(spec: PlanSpec) -> dict:
     """Everything `audio-llm plan` prints, as one JSON-ready dict (bytes, FLOPs, seconds)."""
     counts, shape = count_params(
@@ -319,18 +344,38 @@ def make_plan(spec: PlanSpec) -> dict:
         w,
         spec.offload,
     )
-    activations = activation_bytes(
-        shape,
-        spec.batch,
-        positions,
-        encoder_run,
-        w,
-        spec.lora_rank,
-        spec.lora_dropout,
-        spec.gradient_checkpointing,
-    )
+
+    def activations_for(rows: int, checkpointing: bool) -> dict[str, float]:
+        return activation_bytes(
+            shape,
+            rows,
+            positions,
+            encoder_run,
+            w,
+            spec.lora_rank,
+            spec.lora_dropout,
+            checkpointing,
+        )
+
+    activations = activations_for(spec.batch, spec.gradient_checkpointing)
     memory = {**states, "activations": sum(activations.values())}
     memory["total"] = sum(memory.values())
+
+    usable = spec.gpu_memory * GIB * (1 - MEMORY_HEADROOM)
+    state_total = sum(states.values())
+
+    def fits(rows: int, checkpointing: bool) -> bool:
+        return state_total + sum(activations_for(rows, checkpointing).values()) <= usable
+
+    fit = {
+        "gpu_memory": spec.gpu_memory * GIB,
+        "headroom": MEMORY_HEADROOM,
+        "usable": usable,
+        "fits": memory["total"] <= usable,
+        "spare": usable - memory["total"],
+        "largest_batch": largest_fitting(lambda rows: fits(rows, False)),
+        "largest_batch_checkpointing": largest_fitting(lambda rows: fits(rows, True)),
+    }
 
     as_deepspeed = model_state_bytes(
         spec.zero,
@@ -374,6 +419,7 @@ def make_plan(spec: PlanSpec) -> dict:
         },
         "memory_per_gpu": memory,
         "activations": activations,
+        "fit": fit,
         "model_states_cross_check": cross_check,
         "flops_per_sample": {**dataclasses.asdict(flops), "total": flops.total},
         "epoch": {
@@ -410,7 +456,15 @@ def format_plan(plan: dict) -> str:
     )
     gpus = spec["gpus_per_node"] * spec["nodes"]
     stage = f"LoRA r={spec['lora_rank']}" if spec["lora_rank"] else "projector only (stage 1)"
-    encoder = "precomputed" if spec["precomputed_encoder"] else f"{s['encoder_frames_run']} run"
+    if spec["precomputed_encoder"]:
+        encoder = "not run: the shards hold its output (--precomputed-encoder)"
+    elif spec["varlen"]:
+        encoder = f"runs on the {s['encoder_frames_run']} valid frames of each clip (--varlen)"
+    else:
+        encoder = (
+            f"runs on {s['encoder_frames_run']} frames per clip: each clip is padded to Whisper's "
+            f"30 s window (--varlen: the {s['encoder_frames']} valid frames only)"
+        )
     lines = [
         f"{spec['encoder']} + {spec['llm']}: {gpus} GPUs ({spec['nodes']} x "
         f"{spec['gpus_per_node']}), ZeRO-{spec['zero']}{' + offload' if spec['offload'] else ''}"
@@ -418,9 +472,10 @@ def format_plan(plan: dict) -> str:
         f"parameters   trainable {_n(p['trainable'])} (projector {_n(p['projector'])}, "
         f"LoRA {_n(p['lora'])}); frozen {_n(p['frozen'])} (encoder {_n(p['encoder'])}, "
         f"LLM {_n(p['llm'])}, vision tower {_n(p['vision'])})",
-        f"sample       {s['audio_seconds']} s -> {s['encoder_frames']} encoder frames "
-        f"({encoder}) -> {s['audio_positions']} audio + {s['text_tokens']} text = "
+        f"sample       {s['audio_seconds']} s of audio -> {s['encoder_frames']} encoder frames "
+        f"-> {s['audio_positions']} audio + {s['text_tokens']} text = "
         f"{s['positions']} LLM positions; micro batch {spec['batch']}",
+        f"encoder      {encoder}",
         "memory per GPU",
         f"  weights      {_gib(mem['weights'])}",
         f"  gradients    {_gib(mem['gradients'])}",
@@ -429,6 +484,7 @@ def format_plan(plan: dict) -> str:
         f"logits {act['logits'] / GIB:.2f}, encoder {act['encoder'] / GIB:.2f}"
         f"{', checkpointed' if spec['gradient_checkpointing'] else ''})",
         f"  total        {_gib(mem['total'])}",
+        *_fit_lines(plan),
         "model states (weights + gradients + optimizer) vs DeepSpeed's estimator",
         f"  every parameter trainable (DeepSpeed's assumption): ours "
         f"{_gib(check['ours_all_trainable'])}, DeepSpeed {_gib(check['deepspeed'])}"
@@ -443,6 +499,40 @@ def format_plan(plan: dict) -> str:
         f"({ep['samples_per_s_per_gpu']:.1f} samples/s per GPU)",
     ]
     return "\n".join(lines)
+
+
+def _fit_lines(plan: dict) -> list[str]:
+    """The verdict against `--gpu-memory`, and the largest micro batch that fits."""
+    spec, fit, total = plan["spec"], plan["fit"], plan["memory_per_gpu"]["total"]
+    verdict = (
+        f"yes: {total / GIB:.2f} <= {fit['usable'] / GIB:.2f} GiB usable"
+        if fit["fits"]
+        else f"NO: {total / GIB:.2f} > {fit['usable'] / GIB:.2f} GiB usable"
+    )
+    checkpointing = spec["gradient_checkpointing"]
+
+    def largest(n: int, with_checkpointing: bool) -> str:
+        setting = "with" if with_checkpointing else "without"
+        now = " (this plan)" if with_checkpointing == checkpointing else ""
+        return f"{n} {setting} gradient checkpointing{now}"
+
+    if fit["largest_batch_checkpointing"] == 0:
+        states = total - plan["memory_per_gpu"]["activations"]
+        advice = (
+            f"none: weights, gradients and optimizer alone take {states / GIB:.2f} GiB; "
+            "try --zero 3, --offload or more GPUs"
+        )
+    else:
+        advice = (
+            f"{largest(fit['largest_batch'], False)}, "
+            f"{largest(fit['largest_batch_checkpointing'], True)}"
+        )
+    return [
+        f"fits {spec['gpu_memory']:g} GiB? {verdict} ({fit['headroom']:.0%} kept free for the "
+        "CUDA context, communication buckets and allocator fragmentation, which the figures "
+        "above leave out)",
+        f"  largest micro batch that fits: {advice}",
+    ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -506,6 +596,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=d.epoch_hours,
         help="hours of audio per epoch (default 960, LibriSpeech)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=d.gpu_memory,
+        help=(
+            f"GiB of memory per GPU (default {d.gpu_memory:g}): says whether the plan fits, "
+            f"keeping {MEMORY_HEADROOM * 100:.0f}%% free, and the largest micro batch that does"
+        ),
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run)

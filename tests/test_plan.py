@@ -3,6 +3,7 @@ against what autograd keeps on a tiny model, epoch time, and the command line.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,14 @@ from audio_llm.config import LoraConfig, ModelConfig
 from audio_llm.errors import AudioLLMError
 from audio_llm.flops import ModelShape, lora_params
 from audio_llm.model import build_audio_llm
-from audio_llm.plan import PlanSpec, activation_bytes, count_params, make_plan
+from audio_llm.plan import (
+    MEMORY_HEADROOM,
+    PlanSpec,
+    activation_bytes,
+    count_params,
+    largest_fitting,
+    make_plan,
+)
 from tests.helpers import training_batch
 
 SETUPS = [(1, 1), (8, 1), (4, 2), (8, 16)]  # (GPUs per node, nodes)
@@ -177,3 +185,66 @@ def test_cli_bad_input_is_a_clear_error(capsys, argv, message):
 def test_spec_validation_raises_audio_llm_error():
     with pytest.raises(AudioLLMError, match="--nodes must be >= 1"):
         PlanSpec(nodes=0)
+
+
+def test_the_sample_line_says_plainly_what_the_encoder_runs_on(capsys):
+    assert main(["plan", "--llm", "qwen2-vl-2b"]) == 0
+    text = capsys.readouterr().out
+    assert "(1500 run)" not in text
+    assert "635 encoder frames ->" in text
+    assert "runs on 1500 frames per clip: each clip is padded to Whisper's 30 s window" in text
+    assert main(["plan", "--llm", "qwen2-vl-2b", "--varlen"]) == 0
+    assert "runs on the 635 valid frames of each clip (--varlen)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_largest_micro_batch_is_where_the_planners_own_total_crosses_the_usable_memory(
+    checkpointing,
+):
+    spec = PlanSpec(llm="qwen2-vl-7b", gradient_checkpointing=checkpointing)
+    fit = make_plan(spec)["fit"]
+    assert fit["usable"] == pytest.approx(80 * 2**30 * (1 - MEMORY_HEADROOM))
+    key = "largest_batch_checkpointing" if checkpointing else "largest_batch"
+    largest = fit[key]
+    assert largest >= 1
+    at = make_plan(dataclasses.replace(spec, batch=largest))["memory_per_gpu"]["total"]
+    above = make_plan(dataclasses.replace(spec, batch=largest + 1))["memory_per_gpu"]["total"]
+    assert at <= fit["usable"] < above
+
+
+def test_defaults_do_not_fit_80_gib_and_the_verdict_says_what_does(capsys):
+    # The seed's settings: 72.2 GiB of 80 leaves less than the 10% kept free.
+    assert main(["plan"]) == 0
+    text = capsys.readouterr().out
+    assert "fits 80 GiB? NO: 72.24 > 72.00 GiB usable (10% kept free" in text
+    fit = make_plan(PlanSpec())["fit"]
+    assert not fit["fits"] and fit["largest_batch"] == 7
+    assert fit["largest_batch_checkpointing"] > 4 * fit["largest_batch"]
+    assert (
+        f"largest micro batch that fits: 7 without gradient checkpointing (this plan), "
+        f"{fit['largest_batch_checkpointing']} with gradient checkpointing" in text
+    )
+    assert main(["plan", "--gpu-memory", "141"]) == 0
+    assert "fits 141 GiB? yes: 72.24 <= 126.90 GiB usable" in capsys.readouterr().out
+
+
+def test_when_model_states_alone_do_not_fit_no_batch_does(capsys):
+    assert main(["plan", "--gpu-memory", "16"]) == 0  # 7B bf16 weights: 16.7 GiB per GPU
+    text = capsys.readouterr().out
+    assert "largest micro batch that fits: none: weights, gradients and optimizer alone" in text
+    assert main(["plan", "--gpu-memory", "0"]) == 2
+    assert "--gpu-memory must be > 0 GiB" in capsys.readouterr().err
+
+
+def test_largest_fitting_searches_up_to_the_limit():
+    assert largest_fitting(lambda n: n <= 37) == 37
+    assert largest_fitting(lambda n: n <= 1) == 1
+    assert largest_fitting(lambda n: False) == 0
+    assert largest_fitting(lambda n: True, limit=100) == 100
+
+
+def test_help_documents_gpu_memory(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    assert done.value.code == 0
+    assert "GiB of memory per GPU (default 80)" in " ".join(capsys.readouterr().out.split())
