@@ -23,6 +23,11 @@ bf16/fp16 are switched off (the CPU path trains in float32, `model.dtype=float32
 dropped (the weights already live in CPU memory, and ZeRO-Offload needs DeepSpeedCPUAdam, a JIT
 build), and Adam/AdamW use `torch.optim` (`torch_adam: true`) instead of FusedAdam, which needs a
 CUDA build.
+
+Where the JSON is read from: the path as given (relative to the working directory); if that does
+not exist and the path is relative, the same path under the repository top, where `ds_configs/`
+sits. So the default `ds_configs/zero2.json` works from any folder of a checkout (or an editable
+install); a file of that name in the working directory still wins.
 """
 
 from __future__ import annotations
@@ -43,13 +48,44 @@ from audio_llm.errors import AudioLLMError
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# ds_configs/ sits at the repository top, beside the package (a checkout or an editable install).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def ds_config_candidates(path: str | Path) -> list[Path]:
+    """Where `path` is looked for, in order: as given, then (if relative) under the repo top."""
+    path = Path(path)
+    if path.is_absolute():
+        return [path]
+    return [path, REPO_ROOT / path]
+
+
+def resolve_ds_config(path: str | Path) -> Path | None:
+    """The DeepSpeed JSON that `path` names (see the module docstring), or None if none exists."""
+    return next((p for p in ds_config_candidates(path) if p.is_file()), None)
+
+
+def missing_ds_config_message(path: str | Path) -> str:
+    """What to say when `resolve_ds_config(path)` is None: where it looked, what to pass."""
+    looked = " and ".join(str(p.absolute()) for p in ds_config_candidates(path))
+    default = REPO_ROOT / "ds_configs" / "zero2.json"
+    hint = (
+        f", such as {default}"
+        if default.is_file()
+        else " (this install has no ds_configs/ folder: copy one from the repository)"
+    )
+    return (
+        f"DeepSpeed config {str(path)!r} does not exist (looked for {looked}); pass "
+        f"--deepspeed_config the path of a DeepSpeed JSON{hint}"
+    )
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioLLMError(f"DeepSpeed config {str(path)!r} does not exist (see ds_configs/)")
+    """Read a DeepSpeed JSON config (found as `resolve_ds_config` says); errors name the file."""
+    found = resolve_ds_config(path)
+    if found is None:
+        raise AudioLLMError(missing_ds_config_message(path))
+    path = found
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from audio_llm.config import Config, DataConfig, ModelConfig, TrainConfig
-from audio_llm.ds_config import build_ds_config, load_ds_json
+from audio_llm.ds_config import build_ds_config, load_ds_json, resolve_ds_config
 from audio_llm.errors import AudioLLMError
 from tests.test_dist import REPO, run_launch, worker_env
 
@@ -140,6 +140,30 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("{ not json")
     with pytest.raises(AudioLLMError, match="not valid JSON"):
         load_ds_json(bad)
+
+
+def test_the_default_relative_path_works_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_config("ds_configs/zero2.json") == CONFIGS / "zero2.json"
+    assert load_ds_json("ds_configs/zero2.json") == load_ds_json(CONFIGS / "zero2.json")
+    assert build_ds_config("ds_configs/zero3.json", run_cfg(), 1, cuda=True)["zero_optimization"]
+    # a file of that name in the working directory wins
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2.json").write_text(json.dumps(minimal()))
+    assert resolve_ds_config("ds_configs/zero2.json") == Path("ds_configs/zero2.json")
+    assert load_ds_json("ds_configs/zero2.json") == minimal()
+
+
+def test_a_missing_config_names_every_place_looked_and_a_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_config("ds_configs/zero9.json") is None
+    assert resolve_ds_config(tmp_path / "zero2.json") is None  # absolute: only where it says
+    with pytest.raises(AudioLLMError) as error:
+        load_ds_json("ds_configs/zero9.json")
+    message = str(error.value)
+    assert str(tmp_path / "ds_configs" / "zero9.json") in message
+    assert str(CONFIGS / "zero9.json") in message
+    assert f"such as {CONFIGS / 'zero2.json'}" in message
 
 
 @pytest.mark.parametrize("name", SHIPPED)
