@@ -34,12 +34,45 @@ class EvalResult:
     rows: list[dict[str, Any]]
     report: Any  # WerReport (rank 0), None elsewhere
     seconds: float
-    problems: dict[str, int] = field(default_factory=dict)
+    problems: dict[str, int] = field(default_factory=dict)  # all ranks' (rank 0)
+    indexed: int = 0  # samples the index lists: what a full evaluation would score
+    limit: int | None = None
+
+    @property
+    def not_scored(self) -> int:
+        """Indexed samples with no row (rank 0): lost to data problems or left out by `limit`."""
+        return self.indexed - len(self.rows)
+
+    def headline(self) -> str:
+        """`WER 3.20% over 22 of 24 indexed utterances (2 not scored: data problems
+        corrupt_shard 1 (named in the log))`: what the WER is over, and why anything is not."""
+        wer = self.report.wer if self.report is not None else None
+        shown = "n/a" if wer is None else f"{100 * wer:.2f}%"
+        line = f"WER {shown} over {len(self.rows)} of {self.indexed} indexed utterances"
+        if self.not_scored == 0:
+            return line
+        why = []
+        if self.limit is not None:
+            why.append(f"--limit {self.limit}")
+        if self.problems:
+            problems = ", ".join(f"{k} {v}" for k, v in sorted(self.problems.items()))
+            why.append(f"data problems {problems} (named in the log)")
+        reasons = "; ".join(why) or "no problem was counted"
+        if self.not_scored < 0:  # the shards hold more than their index says
+            return f"{line} ({-self.not_scored} more than the index lists: {reasons})"
+        return f"{line} ({self.not_scored} not scored: {reasons})"
 
     def summary(self) -> dict[str, Any]:
         report = self.report.to_dict() if self.report is not None else {}
         flagged = sum(1 for r in self.rows if r.get("flags"))
-        return {**report, "flagged": flagged, "eval_seconds": self.seconds, "data": self.problems}
+        return {
+            **report,
+            "indexed_utterances": self.indexed,
+            "not_scored": self.not_scored,
+            "flagged": flagged,
+            "eval_seconds": self.seconds,
+            "data": self.problems,
+        }
 
 
 def eval_collator(model, mode: str) -> Collator:
@@ -50,10 +83,16 @@ def eval_collator(model, mode: str) -> Collator:
 def iter_samples(
     shards: ShardSet, rank: int, world: int, long_audio: str, problems: _Problems
 ) -> Iterator[AudioSample]:
-    """Every sample of the set exactly once across ranks (sample i goes to rank i % world)."""
+    """Every sample of the set exactly once across ranks (sample i goes to rank i % world).
+
+    Every rank reads every shard, so that ranks get even shares whatever the shard sizes; a
+    shard's own problems (corrupt, unknown members) are counted by rank `shard number % world`
+    alone, or `world` ranks would count each of them once."""
     index = 0
-    for shard in shards.shards:
-        for raw in read_shard(shard, shards.payload, problems):
+    others = _Problems(quiet=True)  # what other ranks count (and log)
+    for number, shard in enumerate(shards.shards):
+        mine_to_count = problems if number % world == rank else others
+        for raw in read_shard(shard, shards.payload, mine_to_count):
             mine = index % world == rank
             index += 1
             if not mine:
@@ -187,7 +226,8 @@ def evaluate(
         problems_total = merged
     else:
         problems_total = dict(problems.counts)
-    return EvalResult(rows, report, time.time() - began, problems_total)
+    indexed = sum(s.samples for s in shards.shards)
+    return EvalResult(rows, report, time.time() - began, problems_total, indexed, limit)
 
 
 def write_results(result: EvalResult, out_dir: str | Path) -> Path:
@@ -256,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if dist.is_main():
         write_results(result, args.out)
+        print(result.headline())
         print(result.report.summary())
         flagged = sum(1 for r in result.rows if r["flags"])
         print(f"flagged hypotheses (loops / longer than the audio): {flagged}")

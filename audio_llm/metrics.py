@@ -8,6 +8,7 @@ The training loop talks to `MetricsLogger` only. Rank 0 writes TensorBoard event
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, fields
@@ -16,6 +17,7 @@ from typing import Any
 
 from audio_llm import dist
 
+log = logging.getLogger("audio_llm.metrics")
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
 
@@ -33,8 +35,16 @@ def _json_safe(value: float) -> float | str:
 class MetricsLogger:
     """Scalars and text to TensorBoard + `metrics.jsonl` on rank 0; no-op elsewhere."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool | None = None) -> None:
-        """`enabled` defaults to `dist.is_main()`."""
+    def __init__(
+        self, run_dir: str | Path, enabled: bool | None = None, purge_step: int | None = None
+    ) -> None:
+        """`enabled` defaults to `dist.is_main()`.
+
+        `purge_step`: this run writes steps from `purge_step` on again (a resumed run: its
+        checkpoint step + 1; a run restarted from scratch: 0), so rows an earlier attempt logged
+        at those steps are dropped from `metrics.jsonl` and TensorBoard hides its events there:
+        both show one curve. None keeps everything (plain appending).
+        """
         self.run_dir = Path(run_dir)
         self.enabled = dist.is_main() if enabled is None else enabled
         self._writer = None
@@ -43,9 +53,20 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            jsonl = self.run_dir / METRICS_FILE
+            earlier = jsonl.is_file()  # an earlier attempt logged here
+            dropped = drop_rows_from(jsonl, purge_step) if purge_step is not None and earlier else 0
+            if dropped:
+                log.info(
+                    "%s: dropped %d row(s) logged at steps >= %d before", jsonl, dropped, purge_step
+                )
+            self._writer = SummaryWriter(
+                log_dir=str(self.run_dir / TENSORBOARD_DIR),
+                # TensorBoard drops the earlier files' events at steps >= purge_step on reading
+                purge_step=purge_step if earlier else None,
+            )
             # Appending keeps the history of a resumed run in one file; rows carry their step.
-            self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         """One TensorBoard scalar per key (e.g. `train/loss`) and one JSON line for the step."""
@@ -87,6 +108,27 @@ class MetricsLogger:
         row["time"] = round(time.time(), 3)
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()  # a crash loses at most the row being written
+
+
+def drop_rows_from(path: Path, step: int) -> int:
+    """Rewrite a `metrics.jsonl` without its rows at steps >= `step` (and without a torn last
+    line from a killed writer); returns how many lines went. Written to a temp name and
+    renamed, so a crash here leaves the old file whole."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # torn or foreign: not part of any curve
+        if row_step is None or row_step >= step:
+            dropped += 1
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        from audio_llm.pack import atomic_write_bytes  # the project's one atomic write
+
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+    return dropped
 
 
 # -- throughput ------------------------------------------------------------------------------

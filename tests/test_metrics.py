@@ -59,6 +59,45 @@ def test_resumed_run_appends_to_the_same_jsonl(tmp_path):
     assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 2
 
 
+def test_resumed_run_drops_the_earlier_attempts_rows_past_its_checkpoint(tmp_path):
+    with MetricsLogger(tmp_path, enabled=True) as killed:  # logged steps 1-7, saved at step 4
+        for step in range(1, 8):
+            killed.scalars(step, {"train/loss": 10.0 + step})
+        killed.text(7, "eval/examples", "REF: a  \nHYP: b")
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write('{"step": 8, "train/lo')  # the row a SIGKILL cut short
+    with MetricsLogger(tmp_path, enabled=True, purge_step=5) as resumed:
+        for step in range(5, 9):
+            resumed.scalars(step, {"train/loss": 1.0 + step})
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))  # one row per step, in order
+    assert [r["train/loss"] for r in rows] == [11.0, 12.0, 13.0, 14.0, 6.0, 7.0, 8.0, 9.0]
+    assert not list(tmp_path.glob(".*tmp*"))  # the rewrite left no temp file behind
+
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert curve == [
+        (1, 11.0),
+        (2, 12.0),
+        (3, 13.0),
+        (4, 14.0),
+        (5, 6.0),
+        (6, 7.0),
+        (7, 8.0),
+        (8, 9.0),
+    ]
+
+
+def test_a_run_restarted_from_scratch_starts_a_new_curve(tmp_path):
+    with MetricsLogger(tmp_path, enabled=True) as first:
+        first.scalars(1, {"x": 1.0})
+    with MetricsLogger(tmp_path, enabled=True, purge_step=0) as again:
+        again.scalars(1, {"x": 2.0})
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [(r["step"], r["x"]) for r in rows] == [(1, 2.0)]
+
+
 def test_disabled_logger_writes_nothing(tmp_path):
     run = tmp_path / "run"
     logger = MetricsLogger(run, enabled=False)

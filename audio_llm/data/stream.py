@@ -65,12 +65,16 @@ LOG_EVERY = 100
 class _Problems:
     """Counts problems by reason and logs them, rate limited, naming shard and sample."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        """`quiet`: count without logging (for problems another process reports)."""
         self.counts: Counter = Counter()
+        self.quiet = quiet
 
     def __call__(self, reason: str, where: str, detail: str = "", count: int = 1) -> None:
         self.counts[reason] += count
         n = self.counts[reason]
+        if self.quiet:
+            return
         if n - count < LOG_FIRST or n // LOG_EVERY > (n - count) // LOG_EVERY:
             log.warning("%s: %s%s (%d so far)", reason, where, f": {detail}" if detail else "", n)
 
