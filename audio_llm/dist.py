@@ -23,7 +23,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,9 @@ def shutdown() -> None:
     """
     if not is_initialized():
         return
+    global _host_group
     barrier()
+    _host_group = None  # destroyed with the rest; a later init_distributed makes a new one
     tdist.destroy_process_group()
 
 
@@ -192,6 +194,35 @@ def barrier() -> None:
         tdist.barrier()
 
 
+_host_group: Any = None
+
+
+def _cpu_group() -> Any:
+    """A gloo group for collectives on CPU tensors: the default group when that is gloo,
+    otherwise one more group made on first use (collective: every rank must reach its first
+    call at the same point, as `train_step` does)."""
+    global _host_group
+    if tdist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        _host_group = tdist.new_group(backend="gloo")
+    return _host_group
+
+
+def sum_on_host(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks of a few host numbers (`values` in a single process).
+
+    Collective. A CPU all-reduce over gloo: on a NCCL cluster a CUDA all-reduce and `.item()`
+    would make the host wait for every kernel already queued on its GPU. float64: counts stay
+    exact up to 2**53.
+    """
+    if not is_initialized():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64)
+    tdist.all_reduce(tensor, group=_cpu_group())
+    return tensor.tolist()
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` in rank order (`[obj]` in a single process). Collective."""
     if not is_initialized():
@@ -199,6 +230,19 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def sum_counts(counts: Mapping[str, float]) -> dict[str, float]:
+    """Every rank's counters added up by name, on every rank (`counts` in a single process).
+
+    Collective; ranks may hold different names (a rank that met no corrupt shard has no
+    `corrupt_shard` key), so the dicts are gathered rather than reduced tensor by tensor.
+    """
+    total: dict[str, float] = {}
+    for part in all_gather_object(dict(counts)):
+        for name, value in part.items():
+            total[name] = total.get(name, 0) + value
+    return dict(sorted(total.items()))
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

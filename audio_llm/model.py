@@ -7,11 +7,13 @@ same tokenizer, chat template and checkpoint work with or without audio.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+from transformers.utils import ModelOutput
 
 from audio_llm.config import LoraConfig, ModelConfig
 from audio_llm.encoder import (
@@ -152,52 +154,84 @@ class AudioLLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         **audio: torch.Tensor,
-    ):
-        """LM loss over transcript tokens only (prompt, audio and padding are never targets)."""
+    ) -> AudioLLMOutput:
+        """LM loss over transcript tokens only (prompt, audio and padding are never targets).
+
+        The LM head runs on the positions that predict a target only, not on the whole sequence.
+        `loss` is this batch's mean (`lm_loss`, plus `ctc_weight * ctc_loss`); the trainer uses
+        the sums (`lm_loss_sum` over target tokens, `ctc_loss_sum` over utterances) to weight
+        every token equally across micro-batches and ranks. Without labels: `logits` of every
+        position.
+        """
         projected, lengths = self.project_audio(**audio)
         inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
-        if labels is not None:
-            labels = labels.masked_fill(
-                (input_ids == self.audio_token_id) | (attention_mask == 0), IGNORE_INDEX
-            )
         # Explicit 1-D positions (Qwen2-VL expands them to its 3 M-RoPE axes): text-only RoPE,
         # correct for left or right padding, and independent of state left by generate().
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(
+        causal_lm = self.causal_lm()
+        hidden = causal_lm.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
             use_cache=False,
+        ).last_hidden_state
+        if labels is None:
+            return AudioLLMOutput(logits=causal_lm.lm_head(hidden))
+        targets = target_labels(input_ids, attention_mask, labels, self.audio_token_id)
+        # Position t predicts token t + 1: only the positions whose next token is a target
+        # meet the head (a [tokens, vocab] matrix instead of [B, L, vocab]).
+        scored = targets[:, 1:] != IGNORE_INDEX
+        logits = causal_lm.lm_head(hidden[:, :-1][scored]).float()
+        lm_sum = nn.functional.cross_entropy(logits, targets[:, 1:][scored], reduction="sum")
+        lm_mean = lm_sum / scored.sum().clamp(min=1)
+        if self.ctc_weight == 0:
+            return AudioLLMOutput(loss=lm_mean, lm_loss=lm_mean, lm_loss_sum=lm_sum)
+        ctc_sum = self.ctc_loss(projected, lengths, targets, reduction="sum")
+        ctc_mean = ctc_sum / targets.shape[0]
+        return AudioLLMOutput(
+            loss=lm_mean + self.ctc_weight * ctc_mean,
+            lm_loss=lm_mean,
+            lm_loss_sum=lm_sum,
+            ctc_loss=ctc_mean,
+            ctc_loss_sum=ctc_sum,
         )
-        if self.ctc_weight > 0 and labels is not None:
-            ctc = self.ctc_loss(projected, lengths, labels)
-            out["lm_loss"], out["ctc_loss"] = out.loss, ctc
-            out.loss = out.loss + self.ctc_weight * ctc
-        return out
+
+    def causal_lm(self) -> nn.Module:
+        """The Qwen2-VL causal LM under any PEFT wrapper (LoRA layers are injected in place)."""
+        return getattr(self.llm, "get_base_model", lambda: self.llm)()
 
     def ctc_loss(
-        self, projected: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+        self,
+        projected: torch.Tensor,
+        lengths: torch.Tensor,
+        labels: torch.Tensor,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """CTC of the transcript tokens over the projected audio positions.
 
         Each position's logits are its dot products with the LLM's input embedding rows plus a
         learned blank vector, so the projector learns to write, in order, embeddings the LLM
         already reads as those tokens. Targets are the label tokens without end-of-turn; a clip
-        with more targets than positions contributes nothing (`zero_infinity`).
+        with more targets than positions contributes nothing (`zero_infinity`). Each clip's
+        loss is divided by its target length; `reduction` "mean" averages the clips, "sum" adds
+        them (the trainer divides by the utterances of the whole step).
         """
         log_probs = self.ctc_log_probs(projected)
         keep = (labels != IGNORE_INDEX) & (labels != self.prompts.eos_id)
         targets = labels[keep]
         target_lengths = keep.sum(1)
-        return nn.functional.ctc_loss(
+        per_clip = nn.functional.ctc_loss(
             log_probs.transpose(0, 1),
             targets,
             lengths,
             target_lengths,
             blank=log_probs.shape[-1] - 1,
+            reduction="none",
             zero_infinity=True,
         )
+        # torch's "mean": each clip over its target length (at least 1), then the batch mean
+        per_clip = per_clip / target_lengths.clamp(min=1).to(per_clip.dtype)
+        return per_clip.sum() if reduction == "sum" else per_clip.mean()
 
     def ctc_log_probs(self, projected: torch.Tensor) -> torch.Tensor:
         """float32 `[B, T, V + 1]`: per projected position, log-softmax over the LLM's input
@@ -268,8 +302,7 @@ class AudioLLM(nn.Module):
             synced_gpus=synced_gpus,
             **extra,
         )
-        base = getattr(self.llm, "get_base_model", lambda: self.llm)()
-        base.model.rope_deltas = None  # generate() caches M-RoPE state on the model
+        self.causal_lm().model.rope_deltas = None  # generate() caches M-RoPE state on the model
         stops = set(eos if isinstance(eos, list) else [eos]) | {pad}
         result = []
         for row in out.tolist():
@@ -289,6 +322,49 @@ def _full(param: nn.Parameter) -> torch.Tensor:
 
     with deepspeed.zero.GatheredParameters([param]):
         return param.detach().clone()
+
+
+@dataclass
+class AudioLLMOutput(ModelOutput):
+    """`AudioLLM.forward`'s result; fields without a value are absent (`out.get(name)` is None).
+
+    `loss` is this batch's objective (mean per target token, plus `ctc_weight` times the mean
+    per utterance); the `*_sum` fields are the unnormalised sums the trainer weights globally.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    lm_loss_sum: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
+    ctc_loss_sum: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def target_labels(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    audio_token_id: int,
+) -> torch.Tensor:
+    """`labels` with everything that is not a target set to IGNORE_INDEX: audio placeholders
+    and padding (whatever the caller's labels say there) and column 0, which no position
+    predicts. Target tokens are the entries left != IGNORE_INDEX.
+
+    The one rule for what the loss scores: the model's LM and CTC losses and the trainer's
+    count of target tokens (`count_targets`, which normalises the loss across micro-batches and
+    ranks) all read it.
+    """
+    never = (input_ids == audio_token_id) | (attention_mask == 0)
+    never[:, 0] = True
+    return labels.masked_fill(never, IGNORE_INDEX)
+
+
+def count_targets(batch: dict[str, torch.Tensor], audio_token_id: int) -> int:
+    """Target tokens of a (host) training batch: what its LM loss sum adds up."""
+    targets = target_labels(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], audio_token_id
+    )
+    return int((targets != IGNORE_INDEX).sum())
 
 
 def build_audio_llm(

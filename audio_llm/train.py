@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -18,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -26,14 +26,14 @@ from audio_llm import dist
 from audio_llm.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
 from audio_llm.config import Config
 from audio_llm.data import ShardSet, build_loader
-from audio_llm.ds_config import build_ds_config
+from audio_llm.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluate import evaluate
 from audio_llm.export import export_weights
 from audio_llm.faults import fault_point
 from audio_llm.flops import ModelShape, flops_rates, with_flops
 from audio_llm.metrics import MetricsLogger, StepTimer, format_progress, step_time_skew
-from audio_llm.model import build_audio_llm
+from audio_llm.model import build_audio_llm, count_targets
 from audio_llm.schedule import make_scheduler
 
 log = logging.getLogger("audio_llm.train")
@@ -50,29 +50,81 @@ TENSOR_KEYS = (
 )
 
 
-@dataclasses.dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    finite: bool
-    counts: dict[str, float]
-    parts: dict[str, float] = dataclasses.field(default_factory=dict)  # lm_loss, ctc_loss
-
-
 LOSS_PARTS = ("lm_loss", "ctc_loss")
 
 
-def check_start(cfg: Config) -> None:
-    """Problems any rank can see before building anything: fail all ranks at once, early."""
-    ShardSet.open(cfg.data.train_shards, cfg.data.train_index)  # exists, has an index
-    if cfg.train.stage == 2:
-        if not cfg.model.projector_init:
-            raise AudioLLMError(
-                "stage 2 starts from a stage-1 projector: set model.projector_init to "
-                "STAGE1_RUN/export/projector.safetensors"
-            )
-        if not Path(cfg.model.projector_init).is_file():
-            raise AudioLLMError(f"model.projector_init {cfg.model.projector_init!r} does not exist")
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step. Its losses stay on the device; `read_steps` makes numbers of a run of
+    steps at once, at log steps, so the loop never waits for the device between them."""
+
+    loss_sums: torch.Tensor  # [2] this rank's LM loss summed over target tokens, CTC over clips
+    targets: float  # target tokens of the step, all ranks together
+    utterances: float  # utterances of the step, all ranks together
+    ctc_weight: float
+    grad_norm: Any  # as DeepSpeed keeps it: a device tensor, a float, or None (not computed)
+    finite: bool  # False: DeepSpeed skipped the step (non-finite loss or gradient on some rank)
+    counts: dict[str, float]
+
+
+def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Path:
+    """Problems any rank can see before building anything: fail all ranks at once, early.
+
+    Every path the run reads (the DeepSpeed config, model folders, the projector to start from,
+    shards and their indexes, a resume folder) is checked here, before minutes of model loading,
+    and all problems are named in one error. Returns the DeepSpeed config's path
+    (`ds_config.resolve_ds_config`: a relative one may live under the repository top).
+    """
+    problems = []
+    ds_path = resolve_ds_config(ds_config)
+    if ds_path is None:
+        problems.append(missing_ds_config_message(ds_config))
+    # Local checkpoint folders only (this package never downloads): the files from_pretrained
+    # needs first, so that a wrong path fails here and not after the other model has loaded.
+    for key, folder, files in (
+        ("model.encoder", cfg.model.encoder, ("config.json", "preprocessor_config.json")),
+        ("model.llm", cfg.model.llm, ("config.json",)),
+    ):
+        if not Path(folder).is_dir():
+            problems.append(f"{key} {folder!r}: no such folder (a local checkpoint folder)")
+        elif missing := [f for f in files if not Path(folder, f).is_file()]:
+            problems.append(f"{key} {folder!r}: no {' or '.join(missing)} in it")
+    if cfg.train.stage == 2 and not cfg.model.projector_init:
+        problems.append(
+            "stage 2 starts from a stage-1 projector: set model.projector_init to "
+            "STAGE1_RUN/export/projector.safetensors"
+        )
+    elif cfg.model.projector_init and not Path(cfg.model.projector_init).is_file():
+        problems.append(f"model.projector_init {cfg.model.projector_init!r}: no such file")
+    shard_sets = [("data.train_shards", cfg.data.train_shards, cfg.data.train_index)]
+    if cfg.data.eval_shards:
+        shard_sets.append(("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_index))
+    for key, spec, index in shard_sets:
+        try:
+            shards = ShardSet.open(spec, index)  # the index exists and lists every shard
+        except AudioLLMError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        # URL specs are only matched against the index; local ones must exist too.
+        local = [s.url for s in shards.shards if not urlparse(s.url).scheme]
+        absent = [url for url in local if not Path(url).is_file()]
+        if absent:
+            problems.append(f"{key}: {len(absent)} shard(s) do not exist, e.g. {absent[0]}")
+    try:
+        resolve_resume(resume, cfg.train.out_dir)
+    except AudioLLMError as exc:
+        problems.append(f"--resume: {exc}")
+    if problems:
+        raise AudioLLMError(
+            f"{len(problems)} problem(s) with the paths this run reads (nothing was loaded):\n  - "
+            + "\n  - ".join(problems)
+            + f"\nRelative paths are read from the working directory ({Path.cwd()}): fix them "
+            "in --config FILE or as section.key=value overrides, or run from the folder they are "
+            "relative to."
+        )
+    if ds_path != Path(ds_config):
+        log.info("DeepSpeed config %s: reading %s", ds_config, ds_path)
+    return ds_path
 
 
 def _rng_state() -> dict[str, Any]:
@@ -94,68 +146,111 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true on any rank (all ranks must call)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+def check_engine(engine) -> None:
+    """Refuse an engine that would apply a step with non-finite gradients: `train_step` relies on
+    DeepSpeed's own check before the optimizer step to skip such steps on every rank."""
+    opt = engine.optimizer
+    skips = hasattr(opt, "overflow")  # what DeepSpeed's engine reads to skip a step
+    if engine.zero_optimization_stage() in (1, 2):  # the check is optional there
+        skips = skips and getattr(opt, "compute_grad_norm", True)
+        skips = skips and (opt.dtype != torch.bfloat16 or getattr(opt, "check_grad_overflow", True))
+    if not skips:
+        raise AudioLLMError(
+            "this DeepSpeed config would apply steps with non-finite gradients (ZeRO stage 0 in "
+            "float32, bf16.check_grad_overflow=false or zero_optimization.compute_grad_norm=false):"
+            " use ZeRO stage 1-3 (ds_configs/zero2.json) and leave those two at their defaults"
+        )
 
 
 def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) -> StepResult:
     """One optimizer step over `accum` micro-batches.
 
-    A non-finite loss on any rank zeroes that micro-batch's gradient on every rank (all ranks
-    still run the same collectives), and if the step had one, it is applied at lr 0 so the
-    weights do not move: the step is skipped and counted, not trained on.
+    Every target token of the step weighs the same, whichever micro-batch and rank it is in: the
+    step minimises sum(token LM losses) / (target tokens of all ranks) + ctc_weight *
+    sum(clip CTC losses) / (clips of all ranks). The counts come from the host batches (the
+    model's own rule, `count_targets`) in one small CPU all-reduce before the first forward;
+    nothing else waits for the device.
+
+    A non-finite loss on any rank skips the step on every rank: its micro-batch's gradient is
+    made NaN, the gradient all-reduce carries it to every rank, and DeepSpeed's non-finite check
+    before the optimizer step (see `check_engine`) skips the step: weights and optimizer state
+    stay, the lr schedule waits, and the step is counted (`finite` is False).
     """
-    device = engine.device
-    losses, finite = [], True
-    parts: dict[str, list[torch.Tensor]] = {}
+    module = engine.module
+    micro = [next(batches) for _ in range(accum)]  # host tensors: counted before any forward
+    timer.data_ready()
     counts: Counter = Counter()
-    for _ in range(accum):
-        batch = next(batches)
-        timer.data_ready()
+    for batch in micro:
         counts.update(batch["stats"])
-        inputs = {k: batch[k].to(device) for k in TENSOR_KEYS if k in batch}
-        out = engine(**inputs)
-        loss = out.loss
-        bad = _any_rank(not torch.isfinite(loss).item(), device)
-        if bad:
-            finite = False
-            # A graph through every trainable parameter with zero value: zero gradients.
-            loss = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-        else:
-            losses.append(loss.detach())
-            for name in LOSS_PARTS:
-                if out.get(name) is not None:
-                    parts.setdefault(name, []).append(out[name].detach().float())
-        engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary() and not finite:
-            for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0  # the scheduler sets the next step's lr right after
+    local = [sum(count_targets(b, module.audio_token_id) for b in micro)]
+    local.append(sum(len(b["labels"]) for b in micro))
+    targets, utterances = dist.sum_on_host(local)
+    # DeepSpeed 0.19.8 divides the loss by gradient_accumulation_steps in engine.backward
+    # (scale_wrt_gas) and the summed gradients by the data-parallel world size (ZeRO-1/2
+    # average_tensor / ZeRO-3 reduce: `/ dp_world_size`, with gradient_predivide_factor f
+    # applied as 1/f before and f/world after, so 1/world in all). Scaling each sum by
+    # accum * world / count leaves sum(losses) / count in the gradient.
+    spread = engine.gradient_accumulation_steps() * engine.dp_world_size
+    ctc_weight = float(getattr(module, "ctc_weight", 0.0))
+    lm_scale = spread / max(targets, 1.0)
+    ctc_scale = spread * ctc_weight / max(utterances, 1.0)
+    device = engine.device
+    sums = torch.zeros(2, device=device)
+    skipped_before = engine.skipped_steps
+    for batch in micro:
+        out = engine(**{k: batch[k].to(device) for k in TENSOR_KEYS if k in batch})
+        objective = out.lm_loss_sum * lm_scale
+        step_sums = [out.lm_loss_sum.detach().float(), sums.new_zeros(())]
+        if ctc_weight > 0:
+            objective = objective + out.ctc_loss_sum * ctc_scale
+            step_sums[1] = out.ctc_loss_sum.detach().float()
+        # NaN, not 1, times a non-finite loss: every gradient of this micro-batch becomes NaN,
+        # whatever the loss's own backward gives, so DeepSpeed's check cannot miss it.
+        finite = torch.isfinite(objective.detach())
+        objective = objective * torch.where(finite, 1.0, float("nan")).to(objective.dtype)
+        engine.backward(objective)
         engine.step()
-    means = [torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device)]
-    # The same names on every rank (the model decides, not the batch), so the reduce matches.
-    names = list(LOSS_PARTS) if getattr(engine.module, "ctc_weight", 0) > 0 else []
-    nan = torch.tensor(float("nan"), device=device)
-    means += [torch.stack(parts[n]).mean() if n in parts else nan for n in names]
-    mean = torch.stack([m.float() for m in means])
-    if dist.is_initialized():  # gloo has no AVG
-        torch.distributed.all_reduce(mean)
-        mean /= dist.world_size()
-    norm = engine.get_global_grad_norm()
-    grad_norm = float(norm) if norm is not None else float("nan")
-    if finite and not math.isfinite(grad_norm):
-        finite = False
-    loss, *part_values = mean.tolist()
-    parts_mean = dict(zip(names, part_values, strict=True))
-    return StepResult(loss, grad_norm, finite, dict(counts), parts_mean)
+        sums += torch.stack(step_sums)
+    return StepResult(
+        loss_sums=sums,
+        targets=targets,
+        utterances=utterances,
+        ctc_weight=ctc_weight,
+        grad_norm=engine.get_global_grad_norm(),  # a cached value: no collective, no sync
+        finite=engine.skipped_steps == skipped_before,
+        counts=dict(counts),
+    )
+
+
+def read_steps(results: list[StepResult]) -> list[dict[str, float]]:
+    """Per step: `loss` (the objective, global means), `grad_norm` and, with a CTC term,
+    `lm_loss` (per target token) and `ctc_loss` (per clip). Collective, for log steps: one
+    all-reduce and one device read for the whole run of steps."""
+    if not results:
+        return []
+    sums = torch.stack([r.loss_sums for r in results])
+    if dist.is_initialized():
+        torch.distributed.all_reduce(sums)
+    norms = [r.grad_norm for r in results]
+    on_device = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+    if on_device:
+        values = torch.stack([norms[i].detach().float().reshape(()) for i in on_device]).tolist()
+        for i, value in zip(on_device, values, strict=True):
+            norms[i] = value
+    out = []
+    for result, (lm_sum, ctc_sum), norm in zip(results, sums.tolist(), norms, strict=True):
+        lm = lm_sum / max(result.targets, 1.0)
+        row = {"loss": lm, "grad_norm": float("nan") if norm is None else float(norm)}
+        if result.ctc_weight > 0:
+            ctc = ctc_sum / max(result.utterances, 1.0)
+            row.update(loss=lm + result.ctc_weight * ctc, lm_loss=lm, ctc_loss=ctc)
+        out.append(row)
+    return out
 
 
 def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     """Train `cfg.train.max_steps` optimizer steps; returns a summary (rank 0 has the losses)."""
-    check_start(cfg)
+    ds_config = str(check_start(cfg, ds_config, resume))
     dist.init_distributed()
     if not torch.cuda.is_available() and cfg.model.dtype != "float32":
         log.warning("no CUDA: model.dtype %s -> float32 (CPU training)", cfg.model.dtype)
@@ -181,6 +276,9 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     ds = build_ds_config(ds_config, cfg, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_shape = ModelShape.from_model(model)  # before ZeRO-3 partitions the weights away
+    from audio_llm.ds_ops import normalize_cuda_arch_list
+
+    normalize_cuda_arch_list()  # before deepspeed.initialize JIT-builds FusedAdam ('9.0a')
     import deepspeed  # after the cheap checks: importing it costs seconds
 
     engine, _, _, _ = deepspeed.initialize(
@@ -189,6 +287,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         config=ds,
         lr_scheduler=lambda opt: make_scheduler(opt, cfg.train),
     )
+    check_engine(engine)
     checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
     start, bad_in_row = 0, 0
     resume_from = resolve_resume(resume, run_dir)
@@ -202,7 +301,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         _set_rng_state(own["rng"])
         log.info("rank %d resumed from %s at step %d", rank, resume_from, start)
 
-    logger = MetricsLogger(run_dir)
+    # Steps after `start` are logged again: an earlier attempt's rows there are dropped.
+    logger = MetricsLogger(run_dir, purge_step=start + 1 if resume_from is not None else 0)
     if dist.is_main():
         log.info(
             "stage %d: %d trainable parameters, %d ranks, %d batches per rank per epoch",
@@ -213,6 +313,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         )
         (run_dir / "config.yaml").write_text(_yaml(cfg))
     timer, began, losses = StepTimer(), time.time(), {}
+    pending: list[StepResult] = []  # steps whose losses are still on the device
     batches = with_flops(iter(loader), flops_shape)  # analytic FLOPs of each padded batch
     interval_flops = 0.0
     audio_frames: Counter = Counter()  # valid and padded audio frames since the last log
@@ -254,9 +355,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             )
             examples = "\n\n".join(f"REF: {r['ref']}  \nHYP: {r['hyp']}" for r in result.rows[:4])
             logger.text(step, "eval/examples", examples)
-            log.info(
-                "step %d: eval WER %s over %d utterances", step, _pct(report.wer), report.utterances
-            )
+            # "WER 3.20% over 22 of 24 indexed utterances (...)": what it is over, and why not all
+            log.info("step %d: eval %s", step, result.headline())
             eval_history[step] = report.wer
         timer.restart()
 
@@ -277,7 +377,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 f"{bad_in_row} non-finite steps in a row (last at step {step}): lower train.lr, "
                 "check the data (loader problem counts are in the log), or use bf16/fp32"
             )
-        losses[step] = result.loss
+        pending.append(result)
         interval_flops += result.counts.get("flops", 0.0)
         audio_frames.update(
             {
@@ -286,17 +386,24 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             }
         )
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            read = read_steps(pending)  # every step since the last log: one collective
+            first = step - len(pending) + 1
+            losses.update({first + i: row["loss"] for i, row in enumerate(read)})
+            pending, last = [], read[-1]
+            parts = {k: last[k] for k in LOSS_PARTS if k in last}
             skew = step_time_skew(step_s)  # a collective: same steps on every rank
+            # Every rank's data problems (a corrupt shard dealt to rank 7 counts too); collective.
+            problems = dist.sum_counts(loader.problems)
             # This rank's FLOPs over the wall time of the same steps (read before rates() resets).
             achieved = flops_rates(interval_flops, timer.counts.step_s, cfg.train.peak_tflops)
             interval_flops = 0.0
             frames, audio_frames = audio_frames, Counter()
             padded = frames["audio_frames_padded"] - frames["audio_frames"]
             metrics = {
-                "train/loss": result.loss,
-                **{f"train/{k}": v for k, v in result.parts.items()},
+                "train/loss": last["loss"],
+                **{f"train/{k}": v for k, v in parts.items()},
                 "train/lr": engine.get_lr()[0],
-                "train/grad_norm": result.grad_norm,
+                "train/grad_norm": last["grad_norm"],
                 "train/bad_steps_in_row": bad_in_row,
                 "train/epoch": loader.epoch,
                 **{f"perf/{k}": v for k, v in timer.rates().items()},
@@ -305,13 +412,13 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 # SpecAugment time masks: the share of valid frames the model did not see
                 "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
                 **{f"perf/{k}": v for k, v in skew.items()},
-                **{f"data/{k}": v for k, v in loader.problems.items()},
+                **{f"data/{k}": v for k, v in problems.items()},
                 **_memory(),
             }
             logger.scalars(step, metrics)
             if dist.is_main():
-                shown = {"loss": result.loss, **result.parts}
-                shown |= {"lr": metrics["train/lr"], "gnorm": result.grad_norm}
+                shown = {"loss": last["loss"], **parts}
+                shown |= {"lr": metrics["train/lr"], "gnorm": last["grad_norm"]}
                 log.info(
                     format_progress(step, cfg.train.max_steps, time.time() - began, shown, start)
                 )
@@ -322,6 +429,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             run_eval(step)
         fault_point("after_step", step)
     digests = dist.all_gather_object(_trainable_digest(engine))
+    problems = dist.sum_counts(loader.problems)  # all ranks' totals, as in metrics.jsonl
     if len(set(digests)) != 1:
         raise AudioLLMError(f"trainable parameters differ across ranks: {digests}")
     logger.close()
@@ -333,7 +441,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         "world_size": world,
         "trainable_parameters": trainable,
         "parameter_digests": digests,
-        "data_problems": dict(loader.problems),
+        "data_problems": problems,
         "eval_wer": eval_history,
         "wall_seconds": time.time() - began,
         "run_dir": str(run_dir),
@@ -373,10 +481,6 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
 def _memory() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"mem/max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
@@ -410,7 +514,10 @@ def stage_main(stage: int, argv: list[str] | None = None) -> int:
         "--deepspeed_config",
         "--deepspeed-config",
         default="ds_configs/zero2.json",
-        help="DeepSpeed JSON (default ds_configs/zero2.json); 'auto' fields come from the config",
+        help=(
+            "DeepSpeed JSON (default ds_configs/zero2.json); 'auto' fields come from the config. "
+            "A relative path missing from the working directory is read from the repository top"
+        ),
     )
     parser.add_argument(
         "--resume",

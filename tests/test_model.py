@@ -8,7 +8,7 @@ from torch import nn
 
 from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.model import build_audio_llm
+from audio_llm.model import build_audio_llm, count_targets, target_labels
 from audio_llm.projector import AudioProjector
 from audio_llm.text import IGNORE_INDEX
 from tests.helpers import generation_batch, training_batch
@@ -53,7 +53,8 @@ def test_exactly_the_transcript_positions_contribute(stage2):
     out = stage2(**{**batch, "labels": careless})
     expected = stage2(**batch)
 
-    logits = expected.logits[:, :-1].float()
+    without_labels = {k: v for k, v in batch.items() if k != "labels"}
+    logits = stage2(**without_labels).logits[:, :-1].float()  # every position, as generate sees
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     manual = nn.functional.cross_entropy(logits[mask], targets[mask])
@@ -195,3 +196,85 @@ def test_without_ctc_the_model_has_no_blank(model_config):
     model = build_audio_llm(model_config)
     out = model(**training_batch(model, [3000], ["the red fox"]))
     assert not hasattr(model, "ctc_blank") and out.get("ctc_loss") is None
+
+
+def full_logits_loss(model, batch: dict) -> torch.Tensor:
+    """The reference: the LM head over every position and the stock causal-LM loss (the path the
+    label-only head replaced)."""
+    projected, lengths = model.project_audio(
+        input_features=batch["input_features"], feature_lengths=batch["feature_lengths"]
+    )
+    embeds = model.embed_inputs(batch["input_ids"], projected, lengths)
+    mask = batch["attention_mask"]
+    labels = batch["labels"].masked_fill(
+        (batch["input_ids"] == model.audio_token_id) | (mask == 0), IGNORE_INDEX
+    )
+    out = model.llm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+        labels=labels,
+        use_cache=False,
+    )
+    return out.loss
+
+
+def test_label_only_head_equals_the_full_logits_loss_and_gradients(model_config):
+    """LoRA-wrapped (stage 2) LLM with a tied head: the same loss and the same gradients of every
+    trainable parameter as the head over all positions; the tied table stays without gradient."""
+    torch.manual_seed(0)
+    model = build_audio_llm(model_config, LoraConfig(dropout=0.0))
+    with torch.no_grad():  # lora_B starts at zero: give LoRA a say in the forward
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.train()
+    batch = training_batch(model, [300, 170, 240], [*TEXTS, "a longer third transcript here"])
+    head = model.causal_lm().lm_head.weight
+    assert head is model.llm.get_input_embeddings().weight  # tied, as in the tiny model
+    trainable = model.trainable_parameters()
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainable.items()}
+
+    ref_loss, ref_grads = loss_and_grads(lambda: full_logits_loss(model, batch))
+    new_loss, new_grads = loss_and_grads(lambda: model(**batch).loss)
+    torch.testing.assert_close(new_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert any(".lora_" in n for n in new_grads) and any("projector" in n for n in new_grads)
+    for name, grad in ref_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(new_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert head.grad is None and not head.requires_grad  # frozen, tied or not
+
+    out = model(**batch)  # the sum the trainer normalises is the mean times the target count
+    torch.testing.assert_close(
+        out.lm_loss_sum, out.lm_loss * count_targets(batch, model.audio_token_id)
+    )
+
+
+def test_target_count_is_the_positions_the_loss_scores(model_config):
+    model = build_audio_llm(model_config)
+    batch = training_batch(model, [300, 170], TEXTS)
+    careless = {**batch, "labels": batch["input_ids"].clone()}  # placeholders/padding labelled too
+    targets = target_labels(
+        careless["input_ids"], careless["attention_mask"], careless["labels"], model.audio_token_id
+    )
+    assert not (targets[:, 0] != IGNORE_INDEX).any()  # nothing predicts the first token
+    scored = (targets != IGNORE_INDEX).sum(1)
+    words = batch["attention_mask"].sum(1) - (batch["input_ids"] == model.audio_token_id).sum(1)
+    assert scored.tolist() == (words - 1).tolist()  # every real text token but the first
+    out = model(**careless)
+    torch.testing.assert_close(
+        out.lm_loss_sum / count_targets(careless, model.audio_token_id), out.lm_loss
+    )
+
+
+def test_ctc_sum_is_the_batch_mean_times_the_clips(model_config):
+    torch.manual_seed(0)
+    model = build_audio_llm(model_config, ctc_weight=0.5)
+    out = model(**training_batch(model, [3000, 1700], TEXTS))
+    torch.testing.assert_close(out.ctc_loss_sum, 2 * out.ctc_loss)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.ctc_loss)
