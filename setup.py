@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["audio_llm", "audio_llm.*"]),
-    package_data={"audio_llm": ["assets/*.txt"]},
+    package_data={"audio_llm": ["assets/*.txt", "assets/reader/*"]},
     install_requires=[
         # Loose on purpose: clusters bring their own CUDA torch. The Makefile pins a CPU wheel.
         "torch>=2.4",
@@ -33,6 +33,7 @@ setup(
         "numpy>=1.24",
         "soundfile>=0.12",
         "soxr>=0.3",
+        "kaldiio>=2.17",  # reads Kaldi ark offsets in wav.scp (pack opens the files itself)
         "pyyaml>=6.0",
         "tensorboard>=2.15",
         "tqdm>=4.60",

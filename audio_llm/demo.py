@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +25,15 @@ import torch
 from audio_llm.dist import free_port
 from audio_llm.encoder import encoder_identity, load_whisper_encoder
 from audio_llm.pack import atomic_write_bytes
-from audio_llm.reading import ReadingSpec, teach_reading
+from audio_llm.reading import (
+    READER_ASSET,
+    ReadingSpec,
+    install_reader,
+    rebuilt_matches,
+    shipped_reader,
+    teach_reading,
+    write_reader_asset,
+)
 from audio_llm.speech import CorpusSpec, corpus_matches, make_corpus
 from audio_llm.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
 
@@ -42,16 +53,50 @@ DEMO_MODELS = TinySpec(
 SPLITS = ("train", "test_seen_voices", "test_unseen_voice")
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    """Run a step, teeing its output to a log; a failure stops the demo with the log's tail."""
+# What a step's output shows in the terminal (the rest stays in its log): the trainer's progress
+# lines (step, loss, lr, ETA), its eval WER lines and `audio-llm eval`'s headline.
+PROGRESS = re.compile(r"step \d+/\d+ \(.*")
+RESULT = re.compile(r"step \d+: eval WER.*|^WER .* indexed utterances.*")
+ECHO_EVERY_S = 10.0
+
+
+def _run(cmd: list[str], log: Path, echo_every: float = ECHO_EVERY_S) -> float:
+    """Run a step with all its output in `log`, naming the log and echoing its progress and WER
+    lines to the terminal (progress at most once per `echo_every` s, and the last one), so a
+    long stage is not silent. A failure stops the demo with the log's tail."""
     began = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"  # lines reach the log (and the terminal) as they are written
+    print(f"   full log: {log}", flush=True)
+    shown_at, held = -math.inf, None
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            if progress := PROGRESS.search(line):
+                held = progress.group(0).strip()
+            result = RESULT.search(line)
+            if held is not None and (result or time.monotonic() - shown_at >= echo_every):
+                print(f"   {held}", flush=True)  # a WER line follows the step it belongs to
+                shown_at, held = time.monotonic(), None
+            if result:
+                print(f"   {result.group(0).strip()}", flush=True)
+        proc.wait()
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} ...), see {log}:\n{tail}")
+    if held is not None:
+        print(f"   {held}", flush=True)  # the step's last progress line
     return time.time() - began
 
 
@@ -85,7 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rebuild everything: tiny models + reading pretraining, corpus, shards",
     )
+    asset = parser.add_mutually_exclusive_group()
+    asset.add_argument(
+        "--check-reader",
+        action="store_true",
+        help="only rebuild the reading-pretrained tiny LLM and check it equals the shipped one",
+    )
+    asset.add_argument(
+        "--write-reader",
+        action="store_true",
+        help="only rebuild the reading-pretrained tiny LLM and ship it (audio_llm/assets/reader)",
+    )
     args = parser.parse_args(argv)
+    if args.check_reader or args.write_reader:
+        return reader_asset(args, write=args.write_reader)
     out = (REPO / args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -219,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": {"stage1": _last(s1["losses"]), "stage2": _last(s2["losses"])},
         "reading_loss": reading_loss,
         "llm_pretraining_reused": built["reused"],
+        "llm_pretraining_shipped": built["shipped"],
         "corpus": {"train": spec.train, "test": spec.test, "words": spec.words},
         "seed": args.seed,
     }
@@ -240,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = f"stage 1 {args.stage1_steps}, stage 2 {args.stage2_steps}"
     print(f"steps: {steps}; training {train_seconds:.0f} s")
     again = ", built by an earlier run and reused" if built["reused"] else ""
+    if built["shipped"]:
+        again = ", measured when the shipped reader was built; this run copied it"
     print(
         f"(plus {times['llm_pretraining']:.0f} s of text-only reading pretraining of the tiny LLM, "
         f"the stand-in for downloading a pretrained one{again})"
@@ -262,13 +323,7 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
     settings change (a new encoder does not cost a new reading pretraining); `--fresh` rebuilds.
     """
     paths = {"whisper": folder / "whisper", "qwen2vl": folder / "qwen2vl"}
-    reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
-    models = asdict(DEMO_MODELS)
-    wanted = {
-        "whisper": {"models": models, "seed": args.seed, "passthrough": WHISPER_PASSTHROUGH},
-        "qwen2vl": {"models": models, "seed": args.seed, "reading": asdict(reading)},
-    }
-    wanted = json.loads(json.dumps(wanted))  # the form it takes in built.json
+    wanted = _settings(args)
     marker = folder / "built.json"
     before = {} if args.fresh or not marker.is_file() else json.loads(marker.read_text())
     # A part is reused only if built.json says it was completed with these settings.
@@ -286,22 +341,24 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
             "seconds": round(time.time() - t, 1),
         }
     if "qwen2vl" not in kept:
-        t = time.time()
-        write_tiny_llm(paths["qwen2vl"], seed=args.seed, spec=DEMO_MODELS)
-        models_seconds = time.time() - t
-        # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
-        print(f"   reading pretraining of the tiny LLM, {reading.steps} steps, text only")
-        t = time.time()
-        loss = [float("nan")]
-        if reading.steps > 0:
-            torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
-            loss = teach_reading(paths["qwen2vl"], reading, log_every=max(1, reading.steps // 5))
-        built["parts"]["qwen2vl"] = {
-            "settings": wanted["qwen2vl"],
-            "seconds": round(models_seconds, 1),
-            "reading_seconds": round(time.time() - t, 1),
-            "reading_loss": {"first": loss[0], "last": loss[-1]},
-        }
+        shipped, why = None, "--fresh rebuilds it"
+        if not args.fresh:
+            shipped, why = shipped_reader(wanted["qwen2vl"])
+        if shipped is not None:
+            # What a new user would otherwise spend ~16 min building, bit for bit: `make reader`
+            # rebuilds it from nothing and checks the hashes.
+            print(f"   reading-pretrained tiny LLM: {why}; `make reader` rebuilds and checks it")
+            install_reader(READER_ASSET, paths["qwen2vl"], shipped)
+            built["parts"]["qwen2vl"] = {
+                "settings": wanted["qwen2vl"],
+                "seconds": 0.0,
+                "reading_seconds": shipped["reading_seconds"],
+                "reading_loss": shipped["reading_loss"],
+                "shipped": True,
+            }
+        else:
+            print(f"   not using the shipped reader: {why}")
+            built["parts"]["qwen2vl"] = _build_reader(paths["qwen2vl"], args)
     for part in kept:
         print(f"   reusing {paths[part]}: built earlier with these settings (--fresh rebuilds)")
     if len(kept) < len(wanted):
@@ -313,7 +370,68 @@ def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:
         "reading_seconds": llm["reading_seconds"],
         "reading_loss": llm["reading_loss"],
         "reused": "qwen2vl" in kept,
+        "shipped": bool(llm.get("shipped")),
     }
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """What each tiny model is built from, in the form it takes in built.json."""
+    reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
+    models = asdict(DEMO_MODELS)
+    wanted = {
+        "whisper": {"models": models, "seed": args.seed, "passthrough": WHISPER_PASSTHROUGH},
+        "qwen2vl": {"models": models, "seed": args.seed, "reading": asdict(reading)},
+    }
+    return json.loads(json.dumps(wanted))
+
+
+def _build_reader(dst: Path, args: argparse.Namespace) -> dict:
+    """Write the tiny LLM to `dst` and teach it to read; returns its built.json part."""
+    t = time.time()
+    write_tiny_llm(dst, seed=args.seed, spec=DEMO_MODELS)
+    models_seconds = time.time() - t
+    # A real LLM arrives pretrained; the tiny one learns to read (text only, no audio) first.
+    reading = ReadingSpec(steps=args.reading_steps, seed=args.seed)
+    print(f"   reading pretraining of the tiny LLM, {reading.steps} steps, text only")
+    t = time.time()
+    loss = [float("nan")]
+    if reading.steps > 0:
+        torch.set_num_threads(os.cpu_count() or 1)  # one process here: use every core
+        loss = teach_reading(dst, reading, log_every=max(1, reading.steps // 5))
+    return {
+        "settings": _settings(args)["qwen2vl"],
+        "seconds": round(models_seconds, 1),
+        "reading_seconds": round(time.time() - t, 1),
+        "reading_loss": {"first": loss[0], "last": loss[-1]},
+    }
+
+
+def reader_asset(args: argparse.Namespace, write: bool) -> int:
+    """`make reader`: rebuild the reader from nothing and check it against the shipped asset, bit
+    for bit (`write`: replace the asset with the rebuild instead)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "qwen2vl"
+        part = _build_reader(folder, args)
+        if write:
+            manifest = {k: part[k] for k in ("settings", "reading_seconds", "reading_loss")}
+            manifest["torch"] = torch.__version__
+            write_reader_asset(folder, READER_ASSET, manifest)
+            print(f"wrote {READER_ASSET} ({part['reading_seconds']:.0f} s of reading pretraining)")
+            return 0
+        shipped, why = shipped_reader(part["settings"])
+        if shipped is None:
+            print(f"cannot check: {why}")
+            return 1
+        differ = rebuilt_matches(folder)
+        if differ:
+            print(
+                f"the rebuilt reader differs from {READER_ASSET} in {', '.join(differ)} (torch "
+                f"{torch.__version__} here, {shipped.get('torch')} when shipped): the demo still "
+                "runs with the shipped one; `python -m audio_llm.demo --write-reader` replaces it"
+            )
+            return 1
+        print(f"the rebuilt reader equals {READER_ASSET} bit for bit")
+        return 0
 
 
 def _shards_match(index: Path, identity: dict) -> bool:

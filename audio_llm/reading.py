@@ -19,6 +19,8 @@ After this the model is saved in place, through `save_pretrained`, and loads lik
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
 import shutil
 import time
@@ -148,3 +150,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     teach_reading(args.llm, ReadingSpec(steps=args.steps, seed=args.seed))
     return 0
+
+
+# The demo's reader, shipped: the reading pretraining is deterministic on the project's machines
+# (pinned torch, one process, seeded), so its result is a fact that can be shipped and checked,
+# like a downloaded checkpoint, instead of 16 minutes of every new user's first `make demo`.
+READER_ASSET = Path(__file__).parent / "assets" / "reader"
+READER_MANIFEST = "reader.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_reader(settings: dict, asset: Path | None = None) -> tuple[dict | None, str]:
+    """The shipped reader's manifest if it was built with `settings` and every file matches its
+    sha256, else None; the string says which (a line for the user)."""
+    asset = asset or READER_ASSET
+    path = asset / READER_MANIFEST
+    if not path.is_file():
+        return None, f"no shipped reader at {asset}"
+    manifest = json.loads(path.read_text())
+    if manifest.get("settings") != settings:
+        return None, f"the shipped reader ({asset}) was built with other settings"
+    for name, digest in manifest["files"].items():
+        if not (asset / name).is_file() or _sha256(asset / name) != digest:
+            return None, f"{asset / name}: sha256 differs from {READER_MANIFEST} (corrupt asset)"
+    return manifest, f"shipped reader {asset} (sha256 verified)"
+
+
+def install_reader(asset: Path, dst: Path, manifest: dict) -> None:
+    """Copy the shipped reader's files to `dst` (replacing it whole: a temp folder, then rename)."""
+    tmp = dst.with_name(dst.name + ".shipped-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in manifest["files"]:
+        shutil.copyfile(asset / name, tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def write_reader_asset(built: Path, asset: Path, manifest: dict) -> dict:
+    """Ship the reader folder `built` as `asset`: its files plus a manifest of their sha256
+    (`manifest` adds the settings it was built with, its time and losses)."""
+    files = sorted(p.name for p in built.iterdir() if p.is_file())
+    manifest = {**manifest, "files": {name: _sha256(built / name) for name in files}}
+    tmp = asset.with_name(asset.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(built, tmp)
+    (tmp / READER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(asset, ignore_errors=True)
+    tmp.rename(asset)
+    return manifest
+
+
+def rebuilt_matches(built: Path, asset: Path | None = None) -> list[str]:
+    """Files of a freshly rebuilt reader folder whose sha256 differs from the shipped manifest
+    (empty: the rebuild reproduces the asset bit for bit)."""
+    asset = asset or READER_ASSET
+    manifest = json.loads((asset / READER_MANIFEST).read_text())
+    return [
+        name
+        for name, digest in manifest["files"].items()
+        if not (built / name).is_file() or _sha256(built / name) != digest
+    ]
