@@ -8,8 +8,8 @@ Conventions (the same as torch's `FlopCounterMode`, so a measured count checks t
 - Attention counts the full T x T score matrix (4 T^2 d per layer), which is what the math and
   memory-efficient kernels execute under a padding mask; a causal flash kernel skips about half.
   GQA shrinks the K/V projections, not the score FLOPs.
-- The lm_head is counted on every position: HF's forward computes logits for all positions in
-  training and the loss masks them afterwards.
+- The lm_head is counted on the positions that predict a target only ("scored" positions: the
+  transcript's tokens and end-of-turn), which is all `AudioLLM.forward` runs it on in training.
 - Training = forward + backward. A matmul's backward costs 1x its forward for the input gradient
   (whenever something below needs it) and 1x for the weight gradient (when the weight trains).
   Frozen LLM weights: 2x (the gradient must reach the projector under them). Attention matmuls
@@ -64,6 +64,7 @@ class ModelShape:
     encoder_mode: str = "padded"
     projector_context: str = "none"  # "conv": ConvContext over encoder frames before stacking
     ctc: bool = False  # train.ctc_weight > 0: projector output x (embedding table + blank)
+    audio_token_id: int = -1  # placeholders never meet the lm_head (-1: trust the batch's labels)
 
     def __post_init__(self) -> None:
         if self.encoder_mode not in ENCODER_MODES:
@@ -119,6 +120,7 @@ class ModelShape:
         extra = {
             "projector_context": projector.context_kind,
             "ctc": getattr(model, "ctc_weight", 0) > 0,
+            "audio_token_id": model.audio_token_id,
         }
         shape = cls.from_configs(
             model.encoder.whisper.config,
@@ -210,11 +212,13 @@ class LLMForward:
         return self.frozen + self.attention + self.lora
 
 
-def llm_forward(shape: ModelShape, positions: int) -> LLMForward:
-    """Qwen2 decoder over `positions` tokens: GQA attention, SwiGLU MLP, lm_head on all of them."""
+def llm_forward(shape: ModelShape, positions: int, scored: float | None = None) -> LLMForward:
+    """Qwen2 decoder over `positions` tokens: GQA attention, SwiGLU MLP, and the lm_head on the
+    `scored` positions (default: all of them, as in generation)."""
     t, h = positions, shape.d_llm
+    scored = t if scored is None else scored
     projections = h * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * h * shape.intermediate
-    frozen = 2.0 * t * (shape.llm_layers * projections + h * shape.vocab)
+    frozen = 2.0 * (t * shape.llm_layers * projections + scored * h * shape.vocab)
     attention = 4.0 * t * t * shape.q_dim * shape.llm_layers
     return LLMForward(frozen, attention, 2.0 * t * shape.lora_params)
 
@@ -247,8 +251,10 @@ def training_flops(
     run_encoder: bool = True,
     encoder_frames: int | None = None,
     encoder_mel_frames: int | None = None,
+    scored: float | None = None,
 ) -> Flops:
-    """Training FLOPs of `rows` rows of `frames` encoder frames and `positions` LLM positions.
+    """Training FLOPs of `rows` rows of `frames` encoder frames and `positions` LLM positions,
+    `scored` of which (per row, default all) predict a target and so meet the lm_head.
 
     The encoder executes `encoder_frames` per row (default: the full window in `padded` mode,
     else `frames`) from `encoder_mel_frames` (default 2x); the projector runs on `frames` (the
@@ -270,7 +276,7 @@ def training_flops(
         projector = 2 * first + 3 * second
     if shape.ctc:  # logits against the frozen table: forward + the projector-side gradient
         projector += 2 * 2.0 * audio_positions(shape, frames) * shape.d_llm * (shape.vocab + 1)
-    llm = llm_forward(shape, positions)
+    llm = llm_forward(shape, positions, scored)
     llm_total = 2 * llm.frozen + 3 * (llm.attention + llm.lora)
     return Flops(encoder, projector, llm_total).scaled(rows)
 
@@ -305,11 +311,13 @@ def padded_batch_flops(
     width_frames: int | None = None,
     width_positions: int | None = None,
     mel_frames: Sequence[int] | None = None,
+    scored: Sequence[int] | None = None,
 ) -> BatchFlops:
     """A batch right-padded to `width_*` (default: its longest row) vs its rows alone.
 
     `mel_frames` (valid log-mel frames per row, default 2x `frames`) sizes the varlen encoder's
-    first convolution exactly.
+    first convolution exactly. `scored` (per row, default every position) are the positions the
+    lm_head runs on; padding never meets it.
     """
     if not frames or len(frames) != len(positions):
         raise AudioLLMError("a batch needs one frame count and one position count per row")
@@ -321,10 +329,14 @@ def padded_batch_flops(
         enc_width, enc_mel = shape.encoder_max_frames, 2 * shape.encoder_max_frames
     else:
         enc_width, enc_mel = max(frames), max(mel)
-    executed = training_flops(shape, width_f, width_t, rows, run_encoder, enc_width, enc_mel)
+    scored = list(positions) if scored is None else list(scored)
+    mean_scored = sum(scored) / rows  # the head's FLOPs are linear in its positions
+    executed = training_flops(
+        shape, width_f, width_t, rows, run_encoder, enc_width, enc_mel, mean_scored
+    )
     useful = Flops()
-    for f, m, t in zip(frames, mel, positions, strict=True):
-        useful += training_flops(shape, f, t, 1, run_encoder, f, m)
+    for f, m, t, n in zip(frames, mel, positions, scored, strict=True):
+        useful += training_flops(shape, f, t, 1, run_encoder, f, m, n)
     return BatchFlops(
         executed=executed,
         useful=useful,
@@ -351,20 +363,33 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
     encoder outputs); its output, and so the projector's input, is cut to the longest clip.
     """
     from audio_llm.encoder import HOP_LENGTH, encoder_frames
+    from audio_llm.model import target_labels
 
     width_t = batch["input_ids"].shape[1]
     positions = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+    scored = None
+    if "labels" in batch:  # the model's own rule for the positions its loss scores
+        targets = target_labels(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], shape.audio_token_id
+        )
+        scored = [int(n) for n in (targets != -100).sum(dim=1).tolist()]
     if "audio_embeds" in batch:
         frames = [int(n) for n in batch["audio_lengths"].tolist()]
         return padded_batch_flops(
-            shape, frames, positions, False, int(batch["audio_embeds"].shape[1]), int(width_t)
+            shape,
+            frames,
+            positions,
+            False,
+            int(batch["audio_embeds"].shape[1]),
+            int(width_t),
+            scored=scored,
         )
     if "waveforms" in batch:
         mel = [int(n) // HOP_LENGTH for n in batch["waveform_lengths"].tolist()]
     else:
         mel = [int(n) for n in batch["feature_lengths"].tolist()]
     frames = [int(encoder_frames(n)) for n in mel]
-    return padded_batch_flops(shape, frames, positions, True, None, int(width_t), mel)
+    return padded_batch_flops(shape, frames, positions, True, None, int(width_t), mel, scored)
 
 
 def flops_rates(flops: float, seconds: float, peak_tflops: float = 0.0) -> dict[str, float]:

@@ -397,7 +397,8 @@ def make_plan(spec: PlanSpec) -> dict:
         "ours_lora_aware": sum(states.values()),
     }
 
-    flops = training_flops(shape, frames, positions, 1, run_encoder)
+    # The lm_head runs on the transcript's positions only; the text positions bound them above.
+    flops = training_flops(shape, frames, positions, 1, run_encoder, scored=spec.text_tokens)
     samples = spec.epoch_hours * 3600 / spec.audio_seconds
     epoch_flops = samples * flops.total
     rate = spec.gpus * spec.peak_tflops * 1e12 * spec.mfu

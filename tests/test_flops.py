@@ -140,7 +140,10 @@ def test_padding_accounting_by_hand(large_v3_7b):
     assert result.encoder_padded_fraction == pytest.approx(1 / 3)
     alone = training_flops(shape, 100, 33) + training_flops(shape, 300, 68)
     assert result.useful.total == pytest.approx(alone.total)
-    assert result.executed.total == pytest.approx(training_flops(shape, 300, 68, rows=2).total)
+    # padded to 68 positions, but the lm_head meets only the rows' own 33 + 68
+    executed = training_flops(shape, 300, 68, rows=2, scored=(33 + 68) / 2)
+    assert result.executed.total == pytest.approx(executed.total)
+    assert executed.total < training_flops(shape, 300, 68, rows=2).total
     # the seed runs 1,500 frames per clip: 3,000 executed for 400 valid
     seed = batch_flops(replace(shape, encoder_mode="padded", stack=1), [100, 300], [20, 30])
     assert seed.encoder_frames_executed == 3000
