@@ -152,6 +152,8 @@ def load_for_inference(
 def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
     """`audio-llm export`: encoder + feature extractor, projector, adapter (or merged LLM),
     tokenizer and config in one folder, written under a temporary name and renamed."""
+    from audio_llm.transcribe import training_clip_seconds
+
     run_dir, out = Path(run_dir), Path(out_dir)
     model = load_for_inference(run=run_dir)
     cfg, weights = _run_model_config(run_dir)
@@ -180,6 +182,8 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False)
             "merged": fields["llm"] == "llm",
             "source_run": str(run_dir),
             "trained": json.loads((weights / MANIFEST_FILE).read_text()),
+            # [shortest, longest] training clip: transcribe cuts long audio to fit (None: unknown)
+            "trained_seconds": training_clip_seconds(run=run_dir),
         }
         (tmp / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
     return out

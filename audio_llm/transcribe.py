@@ -1,17 +1,21 @@
 """Transcribe audio files of any length, rate and channel count.
 
-Whisper's encoder sees at most 30 s. Longer audio is cut into 30 s windows that overlap by
-`overlap` seconds; each window is transcribed on its own, and consecutive texts are joined where
-their words agree: the longest run of words shared by the end of one window's text and the start
-of the next is kept once. Words in the overlap are heard twice, so a word cut at one window's edge
-is whole in the other, and neither lost nor doubled at the seam.
+A model fine-tuned on short utterances has never heard 30 s of speech, so long audio is cut where
+the speaker pauses into pieces no longer than the run's longest training clip (read from its
+training shards, or recorded in an export bundle; `--max-segment-seconds` overrides). Speech with
+no pause for that long is cut into overlapping windows instead (`audio_llm.segment`). Each piece is
+transcribed on its own and the texts are joined in order; where two windows overlap, the longest
+run of words shared by the end of one text and the start of the next is kept once. Words in the
+overlap are heard twice, so a word cut at one window's edge is whole in the other, and neither
+lost nor doubled at the seam.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import sys
+import tarfile
 from collections.abc import Callable, Sequence
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -21,35 +25,24 @@ import torch
 
 from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
-from audio_llm.export import add_model_source
+from audio_llm.export import BUNDLE_FILE, add_model_source
+from audio_llm.segment import WINDOW_SECONDS, plan_pieces, windows
 
-WINDOW_SECONDS = 30.0
+__all__ = ["stitch", "training_clip_seconds", "transcribe_audio", "windows"]
+
 WORDS_PER_SECOND = 5.0  # generous speaking rate: bounds how far into a text the overlap can reach
-
-
-def windows(
-    num_samples: int, overlap: float, window: float = WINDOW_SECONDS
-) -> list[tuple[int, int]]:
-    """(start, end) sample ranges of `window` seconds, evenly spaced so that consecutive ones
-    share at least `overlap` seconds; one range if the audio fits a single window."""
-    if not 0 <= overlap < window / 2:
-        raise AudioLLMError(f"overlap must be in [0, {window / 2:g}) seconds (got {overlap})")
-    size, shared = int(window * SAMPLE_RATE), int(overlap * SAMPLE_RATE)
-    if num_samples <= size:
-        return [(0, num_samples)]
-    count = -(-(num_samples - shared) // (size - shared))
-    starts = [round(i * (num_samples - size) / (count - 1)) for i in range(count)]
-    return [(s, s + size) for s in starts]
+SCANNED_SHARDS = 32  # shards read for the clip-length range: enough to see its longest clips
 
 
 def stitch(texts: Sequence[str], overlaps: Sequence[float]) -> str:
     """Join window transcripts, keeping the words of each overlap once (see module doc).
 
-    `overlaps[i]` is how many seconds window i shares with window i + 1."""
+    `overlaps[i]` is how many seconds window i shares with window i + 1; 0 for pieces cut at a
+    pause, which heard different words and are joined as they are."""
     words: list[str] = []
     for i, text in enumerate(texts):
         new = text.split()
-        if not words or not new:
+        if not words or not new or overlaps[i - 1] <= 0:
             words += new
             continue
         reach = int(overlaps[i - 1] * WORDS_PER_SECOND) + 2
@@ -72,15 +65,58 @@ def transcribe_audio(
     audio: np.ndarray,
     overlap: float = 5.0,
     batch_size: int = 8,
+    max_seconds: float = WINDOW_SECONDS,
 ) -> str:
-    """Transcribe 16 kHz mono `audio` of any length with `decode(list of <=30 s clips)`."""
-    spans = windows(len(audio), overlap)
-    clips = [audio[a:b] for a, b in spans]
+    """Transcribe 16 kHz mono `audio` of any length with `decode(list of clips)`, each clip at
+    most `max_seconds` long and cut at pauses where there are any (see module doc)."""
+    pieces = plan_pieces(audio, max_seconds, overlap)
+    clips = [audio[p.start : p.end] for p in pieces]
     texts: list[str] = []
     for i in range(0, len(clips), batch_size):
         texts += decode(clips[i : i + batch_size])
-    shared = [(a[1] - b[0]) / SAMPLE_RATE for a, b in itertools.pairwise(spans)]
-    return stitch(texts, shared)
+    return stitch(texts, [p.shared_with_next for p in pieces[:-1]])
+
+
+def training_clip_seconds(
+    run: str | Path | None = None, export: str | Path | None = None
+) -> tuple[float, float] | None:
+    """(shortest, longest) training clip in seconds of a run (read from the `.json` members of
+    up to `SCANNED_SHARDS` of its local training shards) or of an export bundle (recorded by
+    `audio-llm export`; older bundles ask their source run). None when it cannot be known."""
+    from audio_llm.config import load_config
+    from audio_llm.data.shards import ShardSet
+
+    if export is not None:
+        bundle_path = Path(export) / BUNDLE_FILE
+        if not bundle_path.is_file():
+            return None
+        bundle = json.loads(bundle_path.read_text())
+        if bundle.get("trained_seconds"):
+            low, high = bundle["trained_seconds"]
+            return float(low), float(high)
+        source = bundle.get("source_run")
+        return training_clip_seconds(run=source) if source and Path(source).is_dir() else None
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        return None
+    data = load_config(config).data
+    try:
+        shards = ShardSet.open(data.train_shards, data.train_index).shards
+    except AudioLLMError:
+        return None  # no shards named, or moved since training
+    local = [s.url for s in shards if Path(s.url).is_file()]
+    step = max(1, len(local) / SCANNED_SHARDS)
+    durations = []
+    for path in (local[int(i * step)] for i in range(min(len(local), SCANNED_SHARDS))):
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if member.isreg() and member.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(member).read())
+                        durations.append(float(meta["duration"]))
+        except (tarfile.TarError, OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged shard: the others still tell the range
+    return (min(durations), max(durations)) if durations else None
 
 
 def model_decoder(
@@ -114,14 +150,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="transcribe audio files of any length with a trained model",
         description=(
             "Transcribe audio files (any format soundfile reads, any rate, any channels, any "
-            "length). Audio over 30 s is cut into 30 s windows overlapping by --overlap seconds "
-            "and the texts are joined at their shared words."
+            "length). Audio longer than the run's longest training clip is cut at pauses into "
+            "pieces no longer than that (--max-segment-seconds overrides); speech with no pause "
+            "is cut into windows overlapping by --overlap seconds, joined at their shared words."
         ),
     )
     add_model_source(p)
     p.add_argument("files", nargs="+", help="audio files")
-    p.add_argument("--overlap", type=float, default=5.0, help="window overlap in seconds")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="per 30 s window")
+    p.add_argument(
+        "--max-segment-seconds",
+        type=float,
+        default=None,
+        help="longest piece decoded at once (default: the longest clip the run was trained on, "
+        f"read from its training shards or export bundle; {WINDOW_SECONDS:g} if unknown)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=5.0,
+        help="overlap of windows over speech with no pause, in seconds (at most a quarter of "
+        "the segment length is used)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per piece")
     p.add_argument("--beams", type=int, default=1)
     p.add_argument(
         "--ctc-weight",
@@ -129,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="joint CTC/LLM decoding weight in [0, 1] for runs trained with train.ctc_weight",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows decoded together")
+    p.add_argument("--batch-size", type=int, default=8, help="pieces decoded together")
     p.add_argument("--json", action="store_true", help="JSON lines {file, seconds, text}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
@@ -140,10 +190,30 @@ def run(args: argparse.Namespace) -> int:
     from audio_llm.export import load_for_inference
 
     audio = {path: load_audio(path) for path in args.files}  # bad files fail before the model loads
+    max_seconds = args.max_segment_seconds
+    if max_seconds is None:
+        trained = training_clip_seconds(args.run, args.export)
+        source = args.run or args.export
+        if trained is None:
+            max_seconds = WINDOW_SECONDS
+            print(
+                f"transcribe: the training clip lengths of {source} are unknown (training shards "
+                f"not found); long audio is cut at pauses into pieces of at most "
+                f"{max_seconds:g} s; set --max-segment-seconds to the longest training clip",
+                file=sys.stderr,
+            )
+        else:
+            max_seconds = min(trained[1], WINDOW_SECONDS)
+            print(
+                f"transcribe: {source} was trained on {trained[0]:.1f}-{trained[1]:.1f} s clips; "
+                f"long audio is cut at pauses into pieces of at most {max_seconds:.1f} s",
+                file=sys.stderr,
+            )
+    plan_pieces(np.zeros(0, np.float32), max_seconds, args.overlap)  # bad flags fail here, early
     model = load_for_inference(args.run, args.export, device=args.device)
     decode = model_decoder(model, args.max_new_tokens, args.beams, args.ctc_weight)
     for path, samples in audio.items():
-        text = transcribe_audio(decode, samples, args.overlap, args.batch_size)
+        text = transcribe_audio(decode, samples, args.overlap, args.batch_size, max_seconds)
         seconds = len(samples) / SAMPLE_RATE
         if args.json:
             print(json.dumps({"file": str(Path(path)), "seconds": round(seconds, 3), "text": text}))
