@@ -39,7 +39,14 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "torchmetrics>=1.0"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "ruff>=0.6",
+            "torchmetrics>=1.0",
+            # writes CTranslate2 models for the round-trip test of our reader (tested 4.8.5)
+            "ctranslate2>=4.0,<5",
+        ],
     },
     entry_points={"console_scripts": ["audio-llm=audio_llm.cli:main"]},
 )

@@ -60,6 +60,11 @@ class ModelConfig:
         "dilated-conv stack: for encoders whose frames carry little context (the demo's random "
         "tiny Whisper). Real Whisper frames already do; keep 'none' there.",
     )
+    projector_context_width: int = opt(
+        0,
+        "Width of the conv context stack (0: the encoder's d_model). Narrower keeps a wide "
+        "encoder's context stack cheap: its frames are projected in, and back out to the residual.",
+    )
     projector_dropout: float = opt(0.0, "Dropout inside the projector's context stack.")
     projector_init: str = opt("", "Projector safetensors to start from (stage 2: stage-1 output).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
@@ -79,6 +84,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.stack_factor >= 1, f"model.stack_factor must be >= 1 (got {self.stack_factor})")
         _check(self.projector_hidden >= 0, "model.projector_hidden must be >= 0")
+        _check(self.projector_context_width >= 0, "model.projector_context_width must be >= 0")
         _check(0 <= self.projector_dropout < 1, "model.projector_dropout must be in [0, 1)")
         _check(bool(self.audio_token), "model.audio_token must name a tokenizer token")
 

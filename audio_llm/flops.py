@@ -63,6 +63,7 @@ class ModelShape:
     lora_params: int = 0  # all LoRA A and B weights: one MAC per weight per position
     encoder_mode: str = "padded"
     projector_context: str = "none"  # "conv": ConvContext over encoder frames before stacking
+    context_width: int = 0  # the ConvContext's width; 0: d_encoder
     ctc: bool = False  # train.ctc_weight > 0: projector output x (embedding table + blank)
     audio_token_id: int = -1  # placeholders never meet the lm_head (-1: trust the batch's labels)
 
@@ -119,6 +120,9 @@ class ModelShape:
         hidden = projector.net[0].out_features if projector.kind == "mlp" else 0
         extra = {
             "projector_context": projector.context_kind,
+            "context_width": projector.context.inp.out_features
+            if projector.context_kind == "conv"
+            else 0,
             "ctc": getattr(model, "ctc_weight", 0) > 0,
             "audio_token_id": model.audio_token_id,
         }
@@ -186,8 +190,10 @@ def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
         return 0.0, 0.0
     from audio_llm.projector import ConvContext
 
-    linear = 2.0 * frames * shape.d_encoder**2
-    return linear, linear * (ConvContext.KERNEL * len(ConvContext.DILATIONS) + 1)
+    width = shape.context_width or shape.d_encoder
+    linear = 2.0 * frames * shape.d_encoder * width  # in, and again out to the residual
+    convs = 2.0 * frames * width * width * ConvContext.KERNEL * len(ConvContext.DILATIONS)
+    return linear, convs + linear
 
 
 def projector_forward(shape: ModelShape, frames: int) -> tuple[float, float]:

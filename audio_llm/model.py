@@ -409,6 +409,7 @@ def build_audio_llm(
         hidden=cfg.projector_hidden,
         context=cfg.projector_context,
         dropout=cfg.projector_dropout,
+        context_width=cfg.projector_context_width,
     ).to(dtype)
     if cfg.projector_init:
         projector.load(cfg.projector_init)

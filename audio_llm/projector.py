@@ -16,20 +16,23 @@ class ConvContext(nn.Module):
 
     Kernel 5 at dilations 1, 2, 4, 8 lets each frame see +-30 frames (0.6 s of Whisper's 50 Hz
     output), about a word either side, before frames are stacked. Padding frames are
-    zeroed before every layer, so a clip's output does not depend on its batch.
+    zeroed before every layer, so a clip's output does not depend on its batch. The stack runs
+    at `width` (default: the frames' own); a narrower one is projected in and back out to the
+    residual, so a wide encoder (384 for whisper-tiny.en) does not make the convolutions wide.
     """
 
     DILATIONS = (1, 2, 4, 8)
     KERNEL = 5
 
-    def __init__(self, width: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_frames: int, dropout: float = 0.0, width: int = 0) -> None:
         super().__init__()
-        self.inp = nn.Linear(width, width)
+        width = width or d_frames
+        self.inp = nn.Linear(d_frames, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in self.DILATIONS)
         self.convs = nn.ModuleList(
             nn.Conv1d(width, width, self.KERNEL, padding=2 * d, dilation=d) for d in self.DILATIONS
         )
-        self.out = nn.Linear(width, width)
+        self.out = nn.Linear(width, d_frames)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, frames: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,12 @@ class ConvContext(nn.Module):
             update = conv((norm(hidden) * mask).transpose(1, 2)).transpose(1, 2)
             hidden = hidden + self.dropout(nn.functional.gelu(update))
         return (frames + self.out(hidden)) * mask
+
+
+def context_width_of(state: dict[str, torch.Tensor]) -> int:
+    """The conv context's width in a projector state dict (0: no context)."""
+    weight = state.get("context.inp.weight")
+    return 0 if weight is None else int(weight.shape[0])
 
 
 class AudioProjector(nn.Module):
@@ -59,12 +68,13 @@ class AudioProjector(nn.Module):
         hidden: int = 0,
         context: str = "none",
         dropout: float = 0.0,
+        context_width: int = 0,
     ) -> None:
         super().__init__()
         self.d_encoder, self.d_llm, self.stack, self.kind = d_encoder, d_llm, stack, kind
         self.context_kind = context
         if context == "conv":
-            self.context = ConvContext(d_encoder, dropout)
+            self.context = ConvContext(d_encoder, dropout, context_width)
         elif context != "none":
             raise AudioLLMError(
                 f"model.projector_context must be 'none' or 'conv' (got {context!r})"
@@ -110,6 +120,9 @@ class AudioProjector(nn.Module):
             "stack": str(self.stack),
             "kind": self.kind,
             "context": self.context_kind,
+            "context_width": str(
+                self.context.inp.out_features if self.context_kind == "conv" else 0
+            ),
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata=meta)
@@ -126,7 +139,8 @@ class AudioProjector(nn.Module):
                 raise AudioLLMError(
                     f"{path}: projector tensor {key} has shape {tuple(tensor.shape)}, this model "
                     f"needs {want} (d_encoder={self.d_encoder}, d_llm={self.d_llm}, "
-                    f"stack={self.stack}, kind={self.kind}, context={self.context_kind}): "
+                    f"stack={self.stack}, kind={self.kind}, context={self.context_kind}, "
+                    f"context width {context_width_of(own)}): "
                     "check model.* against stage 1"
                 )
         missing = sorted(set(own) - set(state))

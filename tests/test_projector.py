@@ -85,3 +85,17 @@ def test_context_kind_is_part_of_the_saved_shape(tmp_path):
         AudioProjector(8, 16, stack=2, kind="mlp").load(tmp_path / "p.safetensors")
     with pytest.raises(AudioLLMError, match="projector_context must be"):
         AudioProjector(8, 16, context="gru")
+
+
+def test_a_narrow_context_stack_runs_at_its_width_and_returns_the_frames_width(tmp_path):
+    torch.manual_seed(0)
+    proj = AudioProjector(24, 16, stack=2, kind="mlp", context="conv", context_width=8).eval()
+    convs = [tuple(c.weight.shape) for c in proj.context.convs]
+    assert convs == [(8, 8, 5)] * 4  # the convolutions are 8 wide, not 24
+    assert tuple(proj.context.inp.weight.shape) == (8, 24)
+    assert tuple(proj.context.out.weight.shape) == (24, 8)
+    out, lengths = proj(torch.randn(1, 11, 24), torch.tensor([11]))
+    assert tuple(out.shape) == (1, 6, 16) and lengths.tolist() == [6]
+    proj.save(tmp_path / "p.safetensors")
+    with pytest.raises(AudioLLMError, match="context width 24"):
+        AudioProjector(24, 16, stack=2, kind="mlp", context="conv").load(tmp_path / "p.safetensors")
