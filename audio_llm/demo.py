@@ -83,17 +83,22 @@ def _run(cmd: list[str], log: Path, echo_every: float = ECHO_EVERY_S) -> float:
             text=True,
             errors="replace",
         )
-        for line in proc.stdout:
-            out.write(line)
-            out.flush()
-            if progress := PROGRESS.search(line):
-                held = progress.group(0).strip()
-            result = RESULT.search(line)
-            if held is not None and (result or time.monotonic() - shown_at >= echo_every):
-                print(f"   {held}", flush=True)  # a WER line follows the step it belongs to
-                shown_at, held = time.monotonic(), None
-            if result:
-                print(f"   {result.group(0).strip()}", flush=True)
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if progress := PROGRESS.search(line):
+                    held = progress.group(0).strip()
+                result = RESULT.search(line)
+                if held is not None and (result or time.monotonic() - shown_at >= echo_every):
+                    print(f"   {held}", flush=True)  # a WER line follows the step it belongs to
+                    shown_at, held = time.monotonic(), None
+                if result:
+                    print(f"   {result.group(0).strip()}", flush=True)
+        except BaseException:  # never leave the step running behind us (as subprocess.run)
+            proc.kill()
+            proc.wait()
+            raise
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])

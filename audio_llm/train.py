@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -86,6 +87,8 @@ def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Pat
         ("model.llm", cfg.model.llm, ("config.json",)),
     ):
         if not Path(folder).is_dir():
+            if _hub_id(folder):  # from_pretrained finds it in the local Hugging Face cache
+                continue
             problems.append(f"{key} {folder!r}: no such folder (a local checkpoint folder)")
         elif missing := [f for f in files if not Path(folder, f).is_file()]:
             problems.append(f"{key} {folder!r}: no {' or '.join(missing)} in it")
@@ -125,6 +128,11 @@ def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Pat
     if ds_path != Path(ds_config):
         log.info("DeepSpeed config %s: reading %s", ds_config, ds_path)
     return ds_path
+
+
+def _hub_id(name: str) -> bool:
+    """`org/name`, as a Hugging Face hub id is written (not a relative path that is missing)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".")
 
 
 def _rng_state() -> dict[str, Any]:

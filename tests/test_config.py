@@ -162,3 +162,11 @@ def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, ca
     assert "stage 1: error: 2 problem(s)" in err
     assert "model.encoder '/models/whisper'" in err and "model.llm '/models/qwen2vl'" in err
     assert "DeepSpeed config" not in err  # the default resolved against the repository
+
+
+def test_a_hub_id_is_left_to_from_pretrained_and_a_missing_folder_is_not():
+    from audio_llm.train import _hub_id
+
+    assert _hub_id("openai/whisper-large-v3") and _hub_id("Qwen/Qwen2-VL-2B-Instruct")
+    assert not _hub_id("runs/demo/tiny/whisper")  # three parts: a path
+    assert not _hub_id("./models/whisper") and not _hub_id("/models/whisper-large-v3")
