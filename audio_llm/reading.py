@@ -19,7 +19,6 @@ After this the model is saved in place, through `save_pretrained`, and loads lik
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import shutil
@@ -32,6 +31,7 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from audio_llm.config import DEFAULT_AUDIO_TOKEN
 from audio_llm.errors import AudioLLMError
+from audio_llm.pack import sha256_file
 from audio_llm.text import IGNORE_INDEX, PromptBuilder
 from audio_llm.tiny import vocabulary
 
@@ -159,14 +159,6 @@ READER_ASSET = Path(__file__).parent / "assets" / "reader"
 READER_MANIFEST = "reader.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shipped_reader(settings: dict, asset: Path | None = None) -> tuple[dict | None, str]:
     """The shipped reader's manifest if it was built with `settings` and every file matches its
     sha256, else None; the string says which (a line for the user)."""
@@ -178,7 +170,7 @@ def shipped_reader(settings: dict, asset: Path | None = None) -> tuple[dict | No
     if manifest.get("settings") != settings:
         return None, f"the shipped reader ({asset}) was built with other settings"
     for name, digest in manifest["files"].items():
-        if not (asset / name).is_file() or _sha256(asset / name) != digest:
+        if not (asset / name).is_file() or sha256_file(asset / name) != digest:
             return None, f"{asset / name}: sha256 differs from {READER_MANIFEST} (corrupt asset)"
     return manifest, f"shipped reader {asset} (sha256 verified)"
 
@@ -198,7 +190,7 @@ def write_reader_asset(built: Path, asset: Path, manifest: dict) -> dict:
     """Ship the reader folder `built` as `asset`: its files plus a manifest of their sha256
     (`manifest` adds the settings it was built with, its time and losses)."""
     files = sorted(p.name for p in built.iterdir() if p.is_file())
-    manifest = {**manifest, "files": {name: _sha256(built / name) for name in files}}
+    manifest = {**manifest, "files": {name: sha256_file(built / name) for name in files}}
     tmp = asset.with_name(asset.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(built, tmp)
@@ -216,5 +208,5 @@ def rebuilt_matches(built: Path, asset: Path | None = None) -> list[str]:
     return [
         name
         for name, digest in manifest["files"].items()
-        if not (built / name).is_file() or _sha256(built / name) != digest
+        if not (built / name).is_file() or sha256_file(built / name) != digest
     ]
