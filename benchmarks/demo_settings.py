@@ -16,9 +16,9 @@ rank, lr 3e-3) for every value except the three that make up each setting:
 
 Steps, per setting:
 1. `audio-llm pack --mode encoder` of the first N train clips and M seen-voice test clips (a
-   sub-manifest of `--corpus`, or of a corpus built with `audio_llm.speech.make_corpus` if it has
+   sub-manifest of `--corpus`, or of a corpus built with `demo.speech.make_corpus` if it has
    none), timed. The shards hold encoder outputs, so the 30 s padding costs here, on the CPU, and
-   not while training; the analytic encoder FLOPs of the pack (`audio_llm.flops`) are shown too.
+   not while training; the analytic encoder FLOPs of the pack (`planning.flops`) are shown too.
    Shards are reused when their index.json exists and matches (with the timing of that pack).
 2. `deepspeed --num_gpus 2 launch/stage1.py ... --resume none` for `--stage1-steps` steps (default
    100, as `make demo`): launch/stage2.py refuses to start without a stage-1 projector, and the
@@ -105,7 +105,7 @@ def corpus_manifests(args: argparse.Namespace, work: Path) -> Path:
     corpus = args.corpus.resolve()
     if all((corpus / s / "manifest.jsonl").is_file() for s in SPLITS.values()):
         return corpus
-    from audio_llm.speech import CorpusSpec, make_corpus
+    from audio_llm.demo.speech import CorpusSpec, make_corpus
 
     corpus = work / "corpus"
     if not all((corpus / s / "manifest.jsonl").is_file() for s in SPLITS.values()):
@@ -163,9 +163,9 @@ def pack(setting: Setting, manifest: Path, out: Path, count: int, encoder: Path,
 
 def pack_encoder_tflop(setting: Setting, rows: list[dict], whisper: Path, llm: Path) -> float:
     """Analytic Whisper forward TFLOP of packing `rows` (batches of PACK_BATCH, in order)."""
-    from audio_llm.arch import resolve_config
-    from audio_llm.encoder import encoder_frames, mel_frames
-    from audio_llm.flops import ModelShape, encoder_forward
+    from audio_llm.audio.frames import encoder_frames, mel_frames
+    from audio_llm.planning.arch import resolve_config
+    from audio_llm.planning.flops import ModelShape, encoder_forward
 
     shape = ModelShape.from_configs(resolve_config(str(whisper)), resolve_config(str(llm)))
     mels = [mel_frames(round(float(r["duration"]) * 16000)) for r in rows]
@@ -376,8 +376,8 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from audio_llm.demo import DEMO_MODELS
-    from audio_llm.tiny import write_tiny_models
+    from audio_llm.demo.run import DEMO_MODELS
+    from audio_llm.demo.tiny import write_tiny_models
 
     began = time.time()
     work = args.work.resolve()
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             "training; training FLOPs count the projector + LLM only",
             "perf/* are means over the logged intervals of rank 0 (metrics.jsonl); train TFLOP "
             "per audio-second = sum of TFLOP over sum of audio-seconds, rank 0",
-            "pack encoder TFLOP: audio_llm.flops.encoder_forward per clip, batches of 16 in "
+            "pack encoder TFLOP: planning.flops.encoder_forward per clip, batches of 16 in "
             "manifest order (varlen: each batch runs its longest clip; padded: 1,500 frames)",
         ],
     }

@@ -3,7 +3,7 @@
     python benchmarks/flops.py                    # 20,000 utterances, whisper-large-v3 + 7B
     python benchmarks/flops.py --llm qwen2-vl-2b  # the 2B LLM
 
-No model runs: every batch's FLOPs come from `audio_llm.flops` at the real configs
+No model runs: every batch's FLOPs come from `audio_llm.planning.flops` at the real configs
 (whisper-large-v3 + Qwen2-VL-7B, LoRA r=16 on the default targets), for padded batches exactly as
 the training step executes them (padding included), and for each sample alone (the useful part).
 
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_llm.arch import resolve_config
 from audio_llm.data.bucket import bucket_batches
-from audio_llm.flops import (
+from audio_llm.planning.arch import resolve_config
+from audio_llm.planning.flops import (
     ENCODER_FRAMES_PER_SECOND,
     BatchFlops,
     Flops,
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "passed": passed,
         "notes": [
-            "analytic FLOPs (audio_llm.flops): matmuls only, 2 per MAC, attention over the full "
+            "analytic FLOPs (planning.flops): matmuls only, 2 per MAC, attention over the full "
             "T x T, lm_head on every position, frozen weights 2x forward, LoRA/attention 3x",
             "executed = the padded batch as the step runs it; padded fraction of FLOPs = "
             "1 - (each sample alone) / executed",

@@ -5,14 +5,14 @@
     python benchmarks/gpu_step.py --tiny --steps 2                 # tiny shapes: a CPU smoke run
 
 The model is the package's `AudioLLM` (frozen Whisper encoder -> projector -> Qwen2-VL with LoRA
-from the default `lora.target_regex`), assembled from the configs in `audio_llm.arch` with random
+from the default `lora.target_regex`), assembled from the configs in `planning.arch` with random
 weights in bf16 (float32 on a CPU) instead of `build_audio_llm`, which loads checkpoint folders.
 Every step is forward + backward + AdamW (torch's fused one on CUDA) over a synthetic batch of
 `--batch` clips of `--seconds` audio (log-mel given, so the encoder runs) and `--text-tokens`
 other positions, all rows the same length, so nothing is padding.
 
 Reported: mean step time over the timed steps (after `--warmup`), LLM tokens (positions) per
-second, the analytic training FLOPs of the batch (`audio_llm.flops`, the figure `train.py` logs),
+second, the analytic training FLOPs of the batch (`planning.flops`, the figure `train.py` logs),
 achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory.
 The FLOP count takes attention over the full T x T; causal kernels execute about half of it, a few
 percent of the total at these lengths.
@@ -35,24 +35,24 @@ from pathlib import Path
 
 import torch
 
-from audio_llm.arch import resolve_config
 from audio_llm.config import LoraConfig
-from audio_llm.encoder import AudioEncoder
-from audio_llm.flops import ModelShape, batch_flops_from_tensors
-from audio_llm.lora import apply_lora
-from audio_llm.model import AudioLLM
-from audio_llm.projector import AudioProjector
-from audio_llm.text import IGNORE_INDEX
+from audio_llm.model.audio_llm import AudioLLM
+from audio_llm.model.encoder import AudioEncoder
+from audio_llm.model.lora import apply_lora
+from audio_llm.model.projector import AudioProjector
+from audio_llm.model.prompts import IGNORE_INDEX
+from audio_llm.planning.arch import resolve_config
+from audio_llm.planning.flops import ModelShape, batch_flops_from_tensors
 
 H100_BF16_TFLOPS = 989.0
 AUDIO_TOKEN_ID = 151654  # <|vision_pad|> in the real tokenizer (config.DEFAULT_AUDIO_TOKEN)
 
 
 def tiny_configs() -> tuple:
-    """Tiny Whisper and Qwen2-VL configs (the shapes of `audio_llm.tiny`, no tokenizer needed)."""
+    """Tiny Whisper and Qwen2-VL configs (the shapes of `demo.tiny`, no tokenizer needed)."""
     from transformers import Qwen2VLConfig
 
-    from audio_llm.tiny import TinySpec, whisper_config
+    from audio_llm.demo.tiny import TinySpec, whisper_config
 
     spec = TinySpec()
     half = spec.llm_hidden // spec.llm_heads // 2
@@ -151,7 +151,7 @@ def loaded_model_and_batch(
     makes of `--batch-from` (on `device`); also its audio seconds."""
     from audio_llm.config import DataConfig, ModelConfig
     from audio_llm.data import build_loader
-    from audio_llm.model import DTYPES, build_audio_llm
+    from audio_llm.model.audio_llm import DTYPES, build_audio_llm
 
     cfg = ModelConfig(
         encoder=args.encoder,

@@ -54,8 +54,8 @@ import numpy as np
 import soundfile as sf
 from loader import SynthSpec, speech_like, synthesise
 
+from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.dist import free_port
-from audio_llm.encoder import SAMPLE_RATE
 
 RESULTS = ROOT / "benchmarks" / "results"
 H100_BF16_TFLOPS = 989.0
@@ -247,7 +247,7 @@ def random_projector(path: Path, models: dict[str, Path], stack: int, kind: str)
     """A stage-1-shaped projector with random weights: stage 2 needs one to start from."""
     from transformers import AutoConfig
 
-    from audio_llm.projector import AudioProjector
+    from audio_llm.model.projector import AudioProjector
 
     d_encoder = AutoConfig.from_pretrained(models["whisper"]).d_model
     d_llm = AutoConfig.from_pretrained(models["qwen2vl"]).text_config.hidden_size

@@ -6,7 +6,7 @@
     python benchmarks/loader.py --encoder-width 1280 # also encoder shards of large-v3 width
 
 One run synthesises speech-like audio with a LibriSpeech-like duration mix (16 kHz FLAC files and
-a JSONL manifest), packs it with `audio_llm.pack` in each mode (timed separately: precomputed
+a JSONL manifest), packs it with `audio_llm.pack.writer` in each mode (timed separately: precomputed
 modes move work from the loader to pack time), then times two loaders over the same clips:
 
 - ours: `build_loader(DataConfig(num_workers=W), model, spec=SHARDS)` per mode: `audio` computes
@@ -54,13 +54,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
 
-from audio_llm.audio import decode_flac
+from audio_llm.audio.frames import SAMPLE_RATE
+from audio_llm.audio.io import decode_flac
 from audio_llm.config import DataConfig, ModelConfig
 from audio_llm.data import build_loader
-from audio_llm.encoder import SAMPLE_RATE
-from audio_llm.model import AudioLLM, build_audio_llm
-from audio_llm.pack import PackOptions, pack
-from audio_llm.tiny import TinySpec, vocabulary, write_tiny_models
+from audio_llm.demo.tiny import TinySpec, vocabulary, write_tiny_models
+from audio_llm.model.audio_llm import AudioLLM, build_audio_llm
+from audio_llm.pack.writer import PackOptions, pack
 
 MODES = ("audio", "mel", "encoder")
 # From the Shards and efficiency issues: the per-worker speed-up over the naive loader each loader

@@ -9,13 +9,13 @@ clip's own noise floor, so the pause sounds like the recording), and transcribes
 trained run (`--run`) three ways:
 
 - `windows_30s`: the old `transcribe` (before issue 16): 30 s windows overlapping by 5 s,
-  stitched at shared words (`audio_llm.segment.windows` + `audio_llm.transcribe.stitch`);
+  stitched at shared words (`audio.segment.windows` + `evaluation.transcribe.stitch`);
 - `pauses_30s`: cut at pauses into pieces of at most 30 s (`--max-segment-seconds 30`);
 - `pauses_trained`: cut at pauses into pieces no longer than the run's longest training clip
   (what `transcribe` now does by default).
 
 The same clips are also transcribed one by one (`per_utterance`). Every WER is corpus WER from
-`audio_llm.wer.score` (basic normaliser); the long recording is one utterance whose reference is
+`evaluation.wer.score` (basic normaliser); the long recording is one utterance whose reference is
 the clips' references joined in order. The recording and references are written to `--work`.
 """
 
@@ -43,12 +43,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from audio_llm.audio import load_audio
-from audio_llm.encoder import SAMPLE_RATE
-from audio_llm.export import load_for_inference
-from audio_llm.segment import frame_levels, plan_pieces, windows
-from audio_llm.transcribe import model_decoder, stitch, training_clip_seconds, transcribe_audio
-from audio_llm.wer import score
+from audio_llm.audio.frames import SAMPLE_RATE
+from audio_llm.audio.io import load_audio
+from audio_llm.audio.segment import frame_levels, plan_pieces, windows
+from audio_llm.evaluation.export import load_for_inference
+from audio_llm.evaluation.transcribe import (
+    model_decoder,
+    stitch,
+    training_clip_seconds,
+    transcribe_audio,
+)
+from audio_llm.evaluation.wer import score
 
 
 def noise_floor(audio: np.ndarray) -> float:

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from audio_llm.tiny import write_tiny_models
+    from audio_llm.demo.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny"), seed=0)
 

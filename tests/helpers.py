@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from audio_llm.text import IGNORE_INDEX
+from audio_llm.model.prompts import IGNORE_INDEX
 
 
 def training_batch(model, mel_lengths: list[int], texts: list[str], seed: int = 0) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audio_llm.audio import (
+from audio_llm.audio.io import (
     AudioDecodeError,
     AudioFileMissing,
     decode_flac,

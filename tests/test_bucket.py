@@ -18,10 +18,10 @@ from audio_llm.data import bucket as bucket_module
 from audio_llm.data import build_loader, plan_epoch
 from audio_llm.data.bucket import bucket_batches, estimate_batches
 from audio_llm.data.shards import ShardInfo
+from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.model import build_audio_llm
-from audio_llm.pack import PackOptions, pack
-from audio_llm.tiny import vocabulary
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.pack.writer import PackOptions, pack
 
 
 def _speech_mix(n: int, seed: int = 0) -> list[float]:
@@ -323,7 +323,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import json, sys
     from audio_llm.config import DataConfig, ModelConfig
     from audio_llm.data import build_loader
-    from audio_llm.model import build_audio_llm
+    from audio_llm.model.audio_llm import build_audio_llm
     args = json.loads(sys.argv[1])
     model = build_audio_llm(ModelConfig(**args["model"]))
     loader = build_loader(DataConfig(**args["data"]), model, spec=args["shards"])

@@ -1,4 +1,4 @@
-"""audio_llm.checkpoint: completion markers, pruning, resume, and DeepSpeed's own tools.
+"""audio_llm.train.checkpoint: completion markers, pruning, resume, and DeepSpeed's own tools.
 
 The manager's bookkeeping is tested in-process against a stand-in engine that writes files the
 way DeepSpeed does. Real DeepSpeed engines (ZeRO-2, torch Adam, fp32) run in launched processes,
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from audio_llm import checkpoint as ckpt
-from audio_llm.checkpoint import CheckpointManager, latest, resolve_resume, tag_for
 from audio_llm.errors import AudioLLMError
+from audio_llm.train import checkpoint as ckpt
+from audio_llm.train.checkpoint import CheckpointManager, latest, resolve_resume, tag_for
 from tests.test_dist import deepspeed_cmd, run_launch, worker_env
 
 
@@ -254,7 +254,7 @@ def _worker(out_dir: Path, stage: int) -> None:
 
     from audio_llm import dist
     from audio_llm.config import TrainConfig
-    from audio_llm.schedule import make_scheduler
+    from audio_llm.train.schedule import make_scheduler
 
     dist.init_distributed()
     me = dist.rank()

@@ -78,7 +78,7 @@ def test_cli_prints_resolved_yaml(capsys):
     assert "train.max_steps must be an integer" in capsys.readouterr().err
 
 
-# -- start-up path checks (audio_llm.train.check_start) ---------------------------------------
+# -- start-up path checks (train.trainer.check_start) ---------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = REPO / "shards" / "sample" / "audio"
 
@@ -96,7 +96,7 @@ def run_paths(tiny_models, **sections) -> Config:
 def test_the_default_deepspeed_config_is_found_from_another_folder(
     tiny_models, tmp_path, monkeypatch
 ):
-    from audio_llm.train import check_start
+    from audio_llm.train.trainer import check_start
 
     monkeypatch.chdir(tmp_path)
     found = check_start(run_paths(tiny_models), "ds_configs/zero2.json")
@@ -106,7 +106,7 @@ def test_the_default_deepspeed_config_is_found_from_another_folder(
 def test_every_missing_path_is_named_in_one_error_before_any_model_loads(
     tiny_models, tmp_path, monkeypatch
 ):
-    from audio_llm.train import check_start
+    from audio_llm.train.trainer import check_start
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "not_a_model").mkdir()
@@ -136,7 +136,7 @@ def test_every_missing_path_is_named_in_one_error_before_any_model_loads(
 
 
 def test_local_shards_named_by_a_pattern_must_exist(tiny_models, tmp_path):
-    from audio_llm.train import check_start
+    from audio_llm.train.trainer import check_start
 
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -148,7 +148,7 @@ def test_local_shards_named_by_a_pattern_must_exist(tiny_models, tmp_path):
 
 
 def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
-    import audio_llm.train as train
+    import audio_llm.train.trainer as train
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the paths were checked")
@@ -165,7 +165,7 @@ def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, ca
 
 
 def test_a_hub_id_is_left_to_from_pretrained_and_a_missing_folder_is_not():
-    from audio_llm.train import _hub_id
+    from audio_llm.train.trainer import _hub_id
 
     assert _hub_id("openai/whisper-large-v3") and _hub_id("Qwen/Qwen2-VL-2B-Instruct")
     assert not _hub_id("runs/demo/tiny/whisper")  # three parts: a path

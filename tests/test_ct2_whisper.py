@@ -19,15 +19,15 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from audio_llm import pretrained
-from audio_llm.ct2_whisper import (
+from audio_llm.demo import pretrained
+from audio_llm.demo.ct2_whisper import (
     read_ct2_whisper,
     read_model_bin,
     whisper_state_dict,
     write_whisper_checkpoint,
 )
-from audio_llm.encoder import load_whisper_encoder
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.encoder import load_whisper_encoder
 
 SPECIALS = [
     "<|endoftext|>",
@@ -244,7 +244,7 @@ def test_the_demo_falls_back_to_the_random_encoder_on_a_wrong_checksum(
 ):
     import argparse
 
-    from audio_llm import demo
+    from audio_llm.demo import run as demo
 
     wheel = _fake_wheel(ct2_tiny, tmp_path)  # its sha256 is not the pinned one
     cache = tmp_path / "cache"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from audio_llm.ctc_decode import CTCPrefixScorer
 from audio_llm.errors import AudioLLMError
-from audio_llm.model import build_audio_llm
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.ctc import CTCPrefixScorer
 from tests.helpers import generation_batch
 
 TOKENS, BLANK, T = 3, 3, 5  # token classes 0..2, blank last
@@ -136,7 +136,7 @@ def test_cli_decodes_jointly_from_a_run_and_a_bundle(ctc_model, model_config, tm
     import soundfile as sf
 
     from audio_llm.cli import main
-    from audio_llm.export import export_bundle, export_weights, load_for_inference
+    from audio_llm.evaluation.export import export_bundle, export_weights, load_for_inference
 
     run = tmp_path / "run"
     export_weights(ctc_model, run / "export")

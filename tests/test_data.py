@@ -18,11 +18,11 @@ import torch
 from audio_llm.config import DataConfig
 from audio_llm.data import ShardSet, build_loader, plan_epoch
 from audio_llm.data.shards import ShardInfo
+from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.model import build_audio_llm
-from audio_llm.pack import PackOptions, pack
-from audio_llm.text import IGNORE_INDEX
-from audio_llm.tiny import vocabulary
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.prompts import IGNORE_INDEX
+from audio_llm.pack.writer import PackOptions, pack
 
 N_CLIPS = 40
 
@@ -111,7 +111,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import json, sys
     from audio_llm.config import DataConfig, ModelConfig
     from audio_llm.data import build_loader
-    from audio_llm.model import build_audio_llm
+    from audio_llm.model.audio_llm import build_audio_llm
     args = json.loads(sys.argv[1])
     model = build_audio_llm(ModelConfig(**args["model"]))
     cfg = DataConfig(batch_size=3, num_workers=2, shuffle_buffer=8)
@@ -247,7 +247,7 @@ def test_every_mode_trains_the_model(shard_dirs, model):
 
 
 def test_shards_from_another_encoder_are_refused(shard_dirs, model_config, tmp_path):
-    from audio_llm.tiny import write_tiny_models
+    from audio_llm.demo.tiny import write_tiny_models
 
     other = write_tiny_models(tmp_path / "other", seed=5)
     import dataclasses
@@ -347,7 +347,7 @@ def test_features_on_device_loader_yields_int16_waveforms_and_the_same_loss(shar
 def test_device_log_mel_forward_and_generate_on_odd_lengths(model):
     """0.3, 7.77 and 29.99 s clips in one batch, through FLAC as in shards: the same loss and the
     same generated ids from waveforms (device) as from the collator's log-mel (loader)."""
-    from audio_llm.audio import decode_flac, encode_flac
+    from audio_llm.audio.io import decode_flac, encode_flac
     from audio_llm.data.collate import AudioSample, frames_of, model_collator
 
     rng = np.random.default_rng(7)

@@ -57,7 +57,7 @@ def test_small_demo_runs_end_to_end(tmp_path):
 def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatch):
     import argparse
 
-    from audio_llm.demo import _tiny_models
+    from audio_llm.demo.run import _tiny_models
 
     args = argparse.Namespace(reading_steps=3, seed=0, fresh=False)
     paths, first = _tiny_models(tmp_path / "tiny", args)
@@ -68,7 +68,7 @@ def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatc
     assert (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns == stamp
     # a new encoder setting rebuilds Whisper only: no second reading pretraining
     whisper_stamp = (paths["whisper"] / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr("audio_llm.demo.WHISPER_PASSTHROUGH", 0.5)
+    monkeypatch.setattr("audio_llm.demo.run.WHISPER_PASSTHROUGH", 0.5)
     _, encoder_only = _tiny_models(tmp_path / "tiny", args)
     assert encoder_only["reused"]
     assert (paths["qwen2vl"] / "model.safetensors").stat().st_mtime_ns == stamp
@@ -81,7 +81,7 @@ def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatc
 
 def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
     from audio_llm.demo import _shards_match
-    from audio_llm.encoder import encoder_identity, load_whisper_encoder
+    from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
 
     whisper = load_whisper_encoder(tiny_models["whisper"])
     wanted = encoder_identity(whisper, tiny_models["whisper"], varlen=True)

@@ -1,4 +1,4 @@
-"""audio_llm.ds_config and ds_configs/*.json: "auto" filling, consistency checks, CPU fallbacks."""
+"""train.ds_config and ds_configs/*.json: "auto" filling, consistency checks, CPU fallbacks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from audio_llm.config import Config, DataConfig, ModelConfig, TrainConfig
-from audio_llm.ds_config import build_ds_config, load_ds_json, resolve_ds_config
 from audio_llm.errors import AudioLLMError
+from audio_llm.train.ds_config import build_ds_config, load_ds_json, resolve_ds_config
 from tests.test_dist import REPO, run_launch, worker_env
 
 CONFIGS = REPO / "ds_configs"
@@ -106,7 +106,7 @@ def test_precision_must_match_model_dtype():
 
 
 def test_cpu_run_switches_off_half_precision_offload_and_fused_adam(caplog):
-    with caplog.at_level(logging.WARNING, logger="audio_llm.ds_config"):
+    with caplog.at_level(logging.WARNING, logger="audio_llm.train.ds_config"):
         ds = build_ds_config(CONFIGS / "zero3_offload.json", run_cfg(), world_size=1, cuda=False)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["optimizer"]["params"]["torch_adam"] is True

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from audio_llm.ds_ops import ENV, normalize_cuda_arch_list, normalized_arch_list
+from audio_llm.train.ds_ops import ENV, normalize_cuda_arch_list, normalized_arch_list
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ def test_suffixed_entries_become_what_deepspeed_parses(value, expected):
 
 def test_environment_is_fixed_in_place_with_one_log_line(caplog):
     env = {ENV: "9.0a"}
-    with caplog.at_level(logging.WARNING, logger="audio_llm.ds_ops"):
+    with caplog.at_level(logging.WARNING, logger="audio_llm.train.ds_ops"):
         assert normalize_cuda_arch_list(env) == "9.0"
     assert env[ENV] == "9.0"
     assert len(caplog.records) == 1 and "'9.0a' -> '9.0'" in caplog.text
@@ -35,7 +35,7 @@ def test_environment_is_fixed_in_place_with_one_log_line(caplog):
 )
 def test_unset_or_parsable_lists_are_left_alone(env, caplog):
     before = dict(env)
-    with caplog.at_level(logging.WARNING, logger="audio_llm.ds_ops"):
+    with caplog.at_level(logging.WARNING, logger="audio_llm.train.ds_ops"):
         assert normalize_cuda_arch_list(env) is None
     assert env == before and not caplog.records
 

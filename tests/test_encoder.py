@@ -4,8 +4,9 @@ import torch
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
 
-from audio_llm.encoder import AudioEncoder, encoder_frames, load_whisper_encoder, mel_frames
+from audio_llm.audio.frames import encoder_frames, mel_frames
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.encoder import AudioEncoder, load_whisper_encoder
 
 
 def test_loads_only_the_encoder_of_a_full_checkpoint(tiny_models):

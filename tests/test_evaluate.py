@@ -1,4 +1,4 @@
-"""audio_llm.evaluate without a model: how samples are dealt to ranks, counted and reported."""
+"""evaluation.evaluate without a model: how samples are dealt to ranks, counted and reported."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from audio_llm.data import ShardSet
 from audio_llm.data.stream import _Problems
-from audio_llm.evaluate import EvalResult, iter_samples
+from audio_llm.evaluation.evaluate import EvalResult, iter_samples
 
 SHARDS = Path(__file__).resolve().parents[1] / "shards" / "sample" / "audio"
 

@@ -8,9 +8,9 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.export import export_weights
-from audio_llm.model import build_audio_llm
-from audio_llm.projector import AudioProjector
+from audio_llm.evaluation.export import export_weights
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.projector import AudioProjector
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_stage1_export_has_no_adapter(model_config, tmp_path):
     out = export_weights(model, tmp_path / "export")
     assert not (out / "adapter").exists()
     with pytest.raises(AudioLLMError, match="no LoRA adapter"):
-        from audio_llm.lora import save_adapter
+        from audio_llm.model.lora import save_adapter
 
         save_adapter(model, tmp_path / "x")
     assert json.loads((out / "export.json").read_text())["ctc_blank"] is None

@@ -3,8 +3,7 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
-from audio_llm.errors import AudioLLMError
-from audio_llm.features import (
+from audio_llm.audio.features import (
     _filters,
     _log_mel_rows,
     feature_settings,
@@ -12,6 +11,7 @@ from audio_llm.features import (
     log_mel_batch,
     pcm_to_float,
 )
+from audio_llm.errors import AudioLLMError
 
 
 def _signal(seconds: float, seed: int) -> np.ndarray:

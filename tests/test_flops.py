@@ -1,4 +1,4 @@
-"""audio_llm.flops: analytic training FLOPs against torch's counter, padding accounting, MFU
+"""planning.flops: analytic training FLOPs against torch's counter, padding accounting, MFU
 logging, and the GPU step benchmark's CPU smoke run."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from audio_llm.arch import resolve_config
 from audio_llm.config import LoraConfig
-from audio_llm.flops import (
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.planning.arch import resolve_config
+from audio_llm.planning.flops import (
     ModelShape,
     batch_flops,
     batch_flops_from_tensors,
@@ -26,7 +27,6 @@ from audio_llm.flops import (
     training_flops,
     with_flops,
 )
-from audio_llm.model import build_audio_llm
 from tests.helpers import training_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def large_v3_7b() -> tuple:
 def test_real_shapes_match_parameter_counts_of_the_meta_model(large_v3_7b):
     """Per position, the LLM's frozen forward is 2 FLOPs per weight of its layers' projections
     and lm_head; per frame, the encoder's layers are 2 per weight plus attention."""
-    from audio_llm.lora import meta_model
+    from audio_llm.model.lora import meta_model
 
     whisper, qwen = large_v3_7b
     model = meta_model("whisper-large-v3", "qwen2-vl-7b")
@@ -125,7 +125,7 @@ def test_real_shapes_match_parameter_counts_of_the_meta_model(large_v3_7b):
     convs = 2 * 3000 * 128 * 1280 * 3 + 2 * frames * 1280 * 1280 * 3
     assert encoder_forward(shape, frames) == 2 * enc_weights * frames + attention + convs
     # The LoRA weights PEFT builds are the ones the formula counts.
-    from audio_llm.lora import apply_lora
+    from audio_llm.model.lora import apply_lora
 
     apply_lora(model, LoraConfig(rank=16))
     built = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)

@@ -3,7 +3,7 @@ import pytest
 from audio_llm.cli import main
 from audio_llm.config import DEFAULT_LORA_REGEX
 from audio_llm.errors import AudioLLMError
-from audio_llm.lora import (
+from audio_llm.model.lora import (
     ENCODER,
     LLM_LAYERS,
     LLM_OTHER,

@@ -1,4 +1,4 @@
-"""audio_llm.metrics: TensorBoard + JSONL logging, throughput, progress line, rank skew."""
+"""audio_llm.train.metrics: TensorBoard + JSONL logging, throughput, progress line, rank skew."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from audio_llm import dist
-from audio_llm.metrics import (
+from audio_llm.train.metrics import (
     METRICS_FILE,
     TENSORBOARD_DIR,
     MetricsLogger,

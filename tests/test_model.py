@@ -8,9 +8,9 @@ from torch import nn
 
 from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.model import build_audio_llm, count_targets, target_labels
-from audio_llm.projector import AudioProjector
-from audio_llm.text import IGNORE_INDEX
+from audio_llm.model.audio_llm import build_audio_llm, count_targets, target_labels
+from audio_llm.model.projector import AudioProjector
+from audio_llm.model.prompts import IGNORE_INDEX
 from tests.helpers import generation_batch, training_batch
 
 TEXTS = ["the red fox runs", "hello world\r\n"]

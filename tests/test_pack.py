@@ -13,13 +13,13 @@ import torch
 import webdataset as wds
 from transformers import WhisperFeatureExtractor
 
-from audio_llm import pack as pack_module
-from audio_llm.audio import load_audio
+from audio_llm.audio.features import log_mel
+from audio_llm.audio.io import load_audio
 from audio_llm.cli import main
-from audio_llm.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
 from audio_llm.errors import AudioLLMError
-from audio_llm.features import log_mel
-from audio_llm.pack import (
+from audio_llm.model.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
+from audio_llm.pack import writer as pack_module
+from audio_llm.pack.writer import (
     PackOptions,
     PackSettings,
     Utterance,

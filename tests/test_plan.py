@@ -1,4 +1,4 @@
-"""audio_llm.plan: parameter counts on the meta device, memory against DeepSpeed's estimator and
+"""planning.plan: parameter counts on the meta device, memory against DeepSpeed's estimator and
 against what autograd keeps on a tiny model, epoch time, and the command line."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from audio_llm.cli import main
 from audio_llm.config import LoraConfig, ModelConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.flops import ModelShape, lora_params
-from audio_llm.model import build_audio_llm
-from audio_llm.plan import (
+from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.planning.flops import ModelShape, lora_params
+from audio_llm.planning.plan import (
     MEMORY_HEADROOM,
     PlanSpec,
     activation_bytes,
@@ -62,7 +62,7 @@ def test_parameter_counts_are_exact_on_the_meta_model():
 
 
 def shape_config(name: str):
-    from audio_llm.arch import resolve_config
+    from audio_llm.planning.arch import resolve_config
 
     return resolve_config(name)
 
@@ -97,7 +97,7 @@ def test_epoch_time_scales_with_gpus_and_mfu_and_efficient_settings_cost_less():
 
 @pytest.fixture(scope="module")
 def tiny_depths(tmp_path_factory) -> dict[int, ModelConfig]:
-    from audio_llm.tiny import TinySpec, write_tiny_models
+    from audio_llm.demo.tiny import TinySpec, write_tiny_models
 
     configs = {}
     for layers in (2, 4):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.projector import AudioProjector
+from audio_llm.model.projector import AudioProjector
 
 
 @pytest.mark.parametrize(("stack", "kind"), [(1, "linear"), (4, "linear"), (3, "mlp")])

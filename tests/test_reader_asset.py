@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from audio_llm import demo, reading
+from audio_llm.demo import reading
+from audio_llm.demo import run as demo
 
 
 def _args(steps: int) -> argparse.Namespace:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from audio_llm.demo import DEMO_MODELS
-from audio_llm.tiny import TinySpec
+from audio_llm.demo.tiny import TinySpec
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

@@ -1,4 +1,4 @@
-"""audio_llm.schedule: hand-computed learning rates and a resumable LambdaLR."""
+"""audio_llm.train.schedule: hand-computed learning rates and a resumable LambdaLR."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from audio_llm.config import TrainConfig
-from audio_llm.schedule import lr_at, make_scheduler
+from audio_llm.train.schedule import lr_at, make_scheduler
 
 
 def cfg(**kw) -> TrainConfig:

@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from audio_llm.encoder import SAMPLE_RATE
+from audio_llm.audio.frames import SAMPLE_RATE
+from audio_llm.audio.segment import plan_pieces, speech_regions
 from audio_llm.errors import AudioLLMError
-from audio_llm.segment import plan_pieces, speech_regions
 
 
 def bursts(layout: list[tuple[str, float]], seed: int = 0, noise: float = 1e-3) -> np.ndarray:

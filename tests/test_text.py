@@ -2,7 +2,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.text import IGNORE_INDEX, PromptBuilder, audio_token_id, normalize_transcript
+from audio_llm.model.prompts import (
+    IGNORE_INDEX,
+    PromptBuilder,
+    audio_token_id,
+    normalize_transcript,
+)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Whisper
 from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
 
 from audio_llm.cli import main
-from audio_llm.tiny import QWEN2VL_SPECIAL_TOKENS, vocabulary, write_tiny_models
+from audio_llm.demo.tiny import QWEN2VL_SPECIAL_TOKENS, vocabulary, write_tiny_models
 
 
 def _digest(folder):
@@ -81,7 +81,7 @@ def test_frozen_random_whisper_passes_its_conv_features_through(tiny_models):
     """The tiny encoder stands in for a pretrained one, so its random layers must not scramble
     the audio: its output frames stay close to (layer-normed) conv features. At full-scale
     random init (WHISPER_PASSTHROUGH = 1) the mean cosine here is about 0.25."""
-    from audio_llm.encoder import AudioEncoder, load_whisper_encoder
+    from audio_llm.model.encoder import AudioEncoder, load_whisper_encoder
 
     whisper = load_whisper_encoder(tiny_models["whisper"])
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def test_like_writes_published_shapes_that_the_training_path_loads_and_runs(tmp_
     folders load through build_audio_llm, the shapes are the published ones scaled, and a
     forward + backward runs with LoRA."""
     from audio_llm.config import LoraConfig, ModelConfig
-    from audio_llm.model import build_audio_llm
+    from audio_llm.model.audio_llm import build_audio_llm
     from tests.helpers import training_batch
 
     like = ["tiny", "--like", "whisper-large-v3,qwen2-vl-2b", "--out", str(tmp_path)]
@@ -135,7 +135,7 @@ def test_like_writes_published_shapes_that_the_training_path_loads_and_runs(tmp_
 
 def test_like_published_sizes_match_the_hub_configs():
     """Full-size configs (no weights): the numbers the hub's config.json files give."""
-    from audio_llm.tiny import build_tokenizer, like_qwen2vl_config, like_whisper_config
+    from audio_llm.demo.tiny import build_tokenizer, like_qwen2vl_config, like_whisper_config
 
     whisper = like_whisper_config("whisper-large-v3")
     assert (whisper.num_mel_bins, whisper.d_model, whisper.encoder_layers) == (128, 1280, 32)

@@ -127,7 +127,7 @@ def test_stage1_trains_checkpoints_exports_and_logs(stage1_run):
 
 
 def test_checkpoints_hold_no_frozen_weight(stage1_run, tiny_models):
-    from audio_llm.checkpoint import latest
+    from audio_llm.train.checkpoint import latest
 
     # Qwen2-VL's lm_head.weight is the frozen input embedding under a second name: not saved.
     tag = latest(stage1_run)

@@ -37,7 +37,7 @@ LONG = [
 
 
 def _batches(model) -> dict[str, dict]:
-    from audio_llm.text import IGNORE_INDEX
+    from audio_llm.model.prompts import IGNORE_INDEX
     from tests.helpers import training_batch
 
     a = training_batch(model, [300, 170], SHORT, seed=1)
@@ -67,9 +67,9 @@ def worker(plan_name: str, out_dir: str) -> None:
 
     from audio_llm import dist
     from audio_llm.config import ModelConfig
-    from audio_llm.metrics import StepTimer
-    from audio_llm.model import build_audio_llm
-    from audio_llm.train import check_engine, read_steps, train_step
+    from audio_llm.model.audio_llm import build_audio_llm
+    from audio_llm.train.metrics import StepTimer
+    from audio_llm.train.trainer import check_engine, read_steps, train_step
 
     world, accum, steps = PLANS[plan_name]
     dist.init_distributed()

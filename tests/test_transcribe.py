@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audio_llm.encoder import SAMPLE_RATE
+from audio_llm.audio.frames import SAMPLE_RATE
+from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.tiny import vocabulary
-from audio_llm.transcribe import stitch, transcribe_audio, windows
+from audio_llm.evaluation.transcribe import stitch, transcribe_audio, windows
 
 
 @pytest.mark.parametrize("seconds", [3.0, 30.0, 31.0, 70.0, 200.5])
@@ -117,7 +117,7 @@ def _write_shards(folder, durations):
 def test_training_clip_seconds_from_the_runs_shards_or_the_bundle(tmp_path):
     import yaml
 
-    from audio_llm.transcribe import training_clip_seconds
+    from audio_llm.evaluation.transcribe import training_clip_seconds
 
     _write_shards(tmp_path / "train", [2.5, 4.75, 3.0])
     run = tmp_path / "run"
@@ -140,9 +140,9 @@ def test_cli_transcribes_long_stereo_44k_audio(tmp_path, capsys):
     """End to end with a (tiny, untrained) model: any rate/channels/length runs through."""
     from audio_llm.cli import main
     from audio_llm.config import LoraConfig, ModelConfig
-    from audio_llm.export import export_weights
-    from audio_llm.model import build_audio_llm
-    from audio_llm.tiny import write_tiny_models
+    from audio_llm.demo.tiny import write_tiny_models
+    from audio_llm.evaluation.export import export_weights
+    from audio_llm.model.audio_llm import build_audio_llm
 
     paths = write_tiny_models(tmp_path / "tiny")
     cfg = ModelConfig(encoder=str(paths["whisper"]), llm=str(paths["qwen2vl"]), dtype="float32")
@@ -188,7 +188,7 @@ def test_cli_transcribes_long_stereo_44k_audio(tmp_path, capsys):
     assert row["seconds"] == pytest.approx(45.0, abs=0.01)
 
     # a run with training shards: `export` records their clip lengths, transcribe uses them
-    from audio_llm.export import export_bundle
+    from audio_llm.evaluation.export import export_bundle
 
     _write_shards(tmp_path / "train", [2.0, 5.5])
     config = yaml.safe_load((run / "config.yaml").read_text())

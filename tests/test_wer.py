@@ -9,7 +9,7 @@ import pytest
 
 from audio_llm.cli import main
 from audio_llm.errors import AudioLLMError
-from audio_llm.wer import normalize, per_utterance, read_durations, read_texts, score
+from audio_llm.evaluation.wer import normalize, per_utterance, read_durations, read_texts, score
 
 
 def _edit_distance(ref: list[str], hyp: list[str]) -> int:

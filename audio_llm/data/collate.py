@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE, encoder_frames
-from audio_llm.text import IGNORE_INDEX, Example, PromptBuilder
+from audio_llm.audio.frames import HOP_LENGTH, SAMPLE_RATE, encoder_frames
+from audio_llm.model.prompts import IGNORE_INDEX, Example, PromptBuilder
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Collator:
             batch["waveforms"] = _pad(_one_dtype([s.audio for s in samples]))
             batch["waveform_lengths"] = torch.tensor([len(s.audio) for s in samples])
         else:
-            from audio_llm.features import log_mel_batch
+            from audio_llm.audio.features import log_mel_batch
 
             waves = _pad([s.audio for s in samples])
             lengths = torch.tensor([len(s.audio) for s in samples])

@@ -7,8 +7,8 @@ from audio_llm.data.augment import SpecAugment
 from audio_llm.data.collate import model_collator
 from audio_llm.data.shards import ShardSet
 from audio_llm.data.stream import ShardLoader, ShardStream
-from audio_llm.encoder import encoder_identity
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.encoder import encoder_identity
 
 
 def check_compatible(shards: ShardSet, model) -> None:

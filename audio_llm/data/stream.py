@@ -50,11 +50,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from audio_llm.audio.frames import (
+    ENCODER_DOWNSAMPLE,
+    HOP_LENGTH,
+    MEL_FRAMES_PER_WINDOW,
+    SAMPLE_RATE,
+)
 from audio_llm.data.augment import SpecAugment
 from audio_llm.data.bucket import bucket_batches
 from audio_llm.data.collate import AudioSample, Collator, frames_of
 from audio_llm.data.shards import PAYLOADS, EpochPlan, ShardInfo, ShardSet, plan_epoch
-from audio_llm.encoder import ENCODER_DOWNSAMPLE, HOP_LENGTH, MEL_FRAMES_PER_WINDOW, SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
 
 log = logging.getLogger("audio_llm.data")
@@ -188,7 +193,7 @@ def decode_sample(
         example=example,
     )
     if mode == "audio":
-        from audio_llm.audio import decode_flac
+        from audio_llm.audio.io import decode_flac
 
         audio = decode_flac(data, raw["__key__"], pcm16)
         sample.audio = audio[: frames * HOP_LENGTH + HOP_LENGTH - 1]

@@ -30,10 +30,10 @@ import torch
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from audio_llm.config import DEFAULT_AUDIO_TOKEN
+from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.pack import sha256_file
-from audio_llm.text import IGNORE_INDEX, PromptBuilder
-from audio_llm.tiny import vocabulary
+from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
+from audio_llm.pack.writer import sha256_file
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
 # The demo's reader, shipped: the reading pretraining is deterministic on the project's machines
 # (pinned torch, one process, seeded), so its result is a fact that can be shipped and checked,
 # like a downloaded checkpoint, instead of 16 minutes of every new user's first `make demo`.
-READER_ASSET = Path(__file__).parent / "assets" / "reader"
+READER_ASSET = Path(__file__).resolve().parents[1] / "assets" / "reader"
 READER_MANIFEST = "reader.json"
 
 

@@ -15,17 +15,13 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.utils import ModelOutput
 
+from audio_llm.audio.features import log_mel_batch
+from audio_llm.audio.frames import encoder_frames
 from audio_llm.config import LoraConfig, ModelConfig
-from audio_llm.encoder import (
-    AudioEncoder,
-    encoder_frames,
-    load_feature_extractor,
-    load_whisper_encoder,
-)
 from audio_llm.errors import AudioLLMError
-from audio_llm.features import log_mel_batch
-from audio_llm.projector import AudioProjector
-from audio_llm.text import IGNORE_INDEX, PromptBuilder
+from audio_llm.model.encoder import AudioEncoder, load_feature_extractor, load_whisper_encoder
+from audio_llm.model.projector import AudioProjector
+from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The CTC head's learned blank, exported beside the projector when train.ctc_weight > 0, so that
@@ -284,7 +280,7 @@ class AudioLLM(nn.Module):
                 )
             from transformers import LogitsProcessorList
 
-            from audio_llm.ctc_decode import CTCPrefixScorer
+            from audio_llm.model.ctc import CTCPrefixScorer
 
             stops = eos if isinstance(eos, list) else [eos]
             scorer = CTCPrefixScorer(
@@ -422,7 +418,7 @@ def build_audio_llm(
         blank = Path(cfg.projector_init).with_name(CTC_BLANK_FILE) if cfg.projector_init else None
         model.enable_ctc(ctc_weight, blank if blank is not None and blank.is_file() else None)
     if lora is not None:
-        from audio_llm.lora import apply_lora
+        from audio_llm.model.lora import apply_lora
 
         apply_lora(model, lora)
     if cfg.gradient_checkpointing:

@@ -169,10 +169,10 @@ def meta_model(encoder: str, llm: str) -> nn.Module:
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from audio_llm.arch import resolve_config
-    from audio_llm.encoder import AudioEncoder
-    from audio_llm.model import AudioLLM
-    from audio_llm.projector import AudioProjector
+    from audio_llm.model.audio_llm import AudioLLM
+    from audio_llm.model.encoder import AudioEncoder
+    from audio_llm.model.projector import AudioProjector
+    from audio_llm.planning.arch import resolve_config
 
     enc_cfg, llm_cfg = resolve_config(encoder), resolve_config(llm)
     if enc_cfg.model_type != "whisper":

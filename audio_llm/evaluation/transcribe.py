@@ -3,7 +3,7 @@
 A model fine-tuned on short utterances has never heard 30 s of speech, so long audio is cut where
 the speaker pauses into pieces no longer than the run's longest training clip (read from its
 training shards, or recorded in an export bundle; `--max-segment-seconds` overrides). Speech with
-no pause for that long is cut into overlapping windows instead (`audio_llm.segment`). Each piece is
+no pause for that long is cut into overlapping windows instead (`audio.segment`). Each piece is
 transcribed on its own and the texts are joined in order; where two windows overlap, the longest
 run of words shared by the end of one text and the start of the next is kept once. Words in the
 overlap are heard twice, so a word cut at one window's edge is whole in the other, and neither
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
+from audio_llm.audio.frames import HOP_LENGTH, SAMPLE_RATE
+from audio_llm.audio.segment import WINDOW_SECONDS, plan_pieces, windows
 from audio_llm.errors import AudioLLMError
-from audio_llm.export import BUNDLE_FILE, add_model_source
-from audio_llm.segment import WINDOW_SECONDS, plan_pieces, windows
+from audio_llm.evaluation.export import BUNDLE_FILE, add_model_source
 
 __all__ = ["stitch", "training_clip_seconds", "transcribe_audio", "windows"]
 
@@ -123,9 +123,9 @@ def model_decoder(
     model, max_new_tokens: int = 128, num_beams: int = 1, ctc_weight: float = 0.0
 ) -> Callable[[list[np.ndarray]], list[str]]:
     """A `decode` for `transcribe_audio` backed by an AudioLLM (features computed here)."""
+    from audio_llm.audio.features import log_mel
     from audio_llm.data.collate import AudioSample
-    from audio_llm.evaluate import eval_collator, transcribe_samples
-    from audio_llm.features import log_mel
+    from audio_llm.evaluation.evaluate import eval_collator, transcribe_samples
 
     collator = eval_collator(model, "mel")
     filters = model.feature_extractor.mel_filters
@@ -186,8 +186,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from audio_llm.audio import load_audio
-    from audio_llm.export import load_for_inference
+    from audio_llm.audio.io import load_audio
+    from audio_llm.evaluation.export import load_for_inference
 
     audio = {path: load_audio(path) for path in args.files}  # bad files fail before the model loads
     max_seconds = args.max_segment_seconds

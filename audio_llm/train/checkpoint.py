@@ -52,7 +52,7 @@ from torch import nn
 
 from audio_llm import dist
 from audio_llm.errors import AudioLLMError
-from audio_llm.faults import fault_point
+from audio_llm.train.faults import fault_point
 
 log = logging.getLogger(__name__)
 

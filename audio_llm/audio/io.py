@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from audio_llm.encoder import SAMPLE_RATE
+from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
 
 

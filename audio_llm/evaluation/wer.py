@@ -27,7 +27,7 @@ import numpy as np
 import regex
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.text import normalize_transcript
+from audio_llm.model.prompts import normalize_transcript
 
 NORMALIZERS = ("none", "basic", "whisper")
 DEFAULT_BUCKETS: tuple[float, ...] = (5.0, 10.0, 20.0, 30.0)

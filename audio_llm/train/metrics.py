@@ -17,7 +17,7 @@ from typing import Any
 
 from audio_llm import dist
 
-log = logging.getLogger("audio_llm.metrics")
+log = logging.getLogger("audio_llm.train.metrics")
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
 
@@ -125,7 +125,7 @@ def drop_rows_from(path: Path, step: int) -> int:
             continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        from audio_llm.pack import atomic_write_bytes  # the project's one atomic write
+        from audio_llm.pack.writer import atomic_write_bytes  # the project's one atomic write
 
         atomic_write_bytes(path, "".join(kept).encode("utf-8"))
     return dropped

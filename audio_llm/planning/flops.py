@@ -188,7 +188,7 @@ def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
     """(input Linear, convs + output Linear) forward FLOPs of the projector's conv context."""
     if shape.projector_context == "none":
         return 0.0, 0.0
-    from audio_llm.projector import ConvContext
+    from audio_llm.model.projector import ConvContext
 
     width = shape.context_width or shape.d_encoder
     linear = 2.0 * frames * shape.d_encoder * width  # in, and again out to the residual
@@ -368,8 +368,8 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
     The encoder counts only for batches that run it (log-mel or waveforms, not precomputed
     encoder outputs); its output, and so the projector's input, is cut to the longest clip.
     """
-    from audio_llm.encoder import HOP_LENGTH, encoder_frames
-    from audio_llm.model import target_labels
+    from audio_llm.audio.frames import HOP_LENGTH, encoder_frames
+    from audio_llm.model.audio_llm import target_labels
 
     width_t = batch["input_ids"].shape[1]
     positions = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import WhisperFeatureExtractor
 
-from audio_llm.encoder import HOP_LENGTH, SAMPLE_RATE
+from audio_llm.audio.frames import HOP_LENGTH, SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
 
 N_FFT = 400

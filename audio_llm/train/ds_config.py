@@ -12,7 +12,7 @@ batch size or lr the config does not show). What is filled:
 | gradient_accumulation_steps      | train.grad_accum                                      |
 | train_batch_size                 | micro x accum x world size                            |
 | gradient_clipping                | train.clip_grad (0: off)                              |
-| optimizer.params.lr              | train.lr (the schedule scales it: audio_llm.schedule) |
+| optimizer.params.lr              | train.lr (the schedule scales it: audio_llm.train.schedule) |
 | optimizer.params.weight_decay    | train.weight_decay                                    |
 | bf16.enabled / fp16.enabled      | model.dtype                                           |
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 # ds_configs/ sits at the repository top, beside the package (a checkout or an editable install).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def ds_config_candidates(path: str | Path) -> list[Path]:

@@ -46,7 +46,7 @@ context, DeepSpeed's communication buckets and the allocator's fragmentation. On
 grow with the micro batch, so the largest micro batch that fits is found by evaluating the same
 formulas batch by batch, with and without gradient checkpointing.
 
-FLOPs per sample come from `audio_llm.flops` for a sample of the mean length (batch padding not
+FLOPs per sample come from `planning.flops` for a sample of the mean length (batch padding not
 included: length-bucketed batches keep it under 5%). Time per epoch = epoch hours of audio /
 mean clip length x FLOPs per sample / (GPUs x peak x MFU).
 """
@@ -62,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.flops import (
+from audio_llm.planning.flops import (
     ENCODER_FRAMES_PER_SECOND,
     ModelShape,
     audio_positions,
@@ -168,8 +168,15 @@ def count_params(
     import torch
 
     from audio_llm.config import LoraConfig
-    from audio_llm.lora import LLM_LAYERS, LLM_OTHER, PROJECTOR, VISION, component_of, meta_model
-    from audio_llm.projector import AudioProjector
+    from audio_llm.model.lora import (
+        LLM_LAYERS,
+        LLM_OTHER,
+        PROJECTOR,
+        VISION,
+        component_of,
+        meta_model,
+    )
+    from audio_llm.model.projector import AudioProjector
 
     model = meta_model(encoder, llm)
     with torch.device("meta"):
@@ -182,7 +189,7 @@ def count_params(
         )
     model.llm.requires_grad_(False)
     if lora_rank:
-        from audio_llm.lora import apply_lora
+        from audio_llm.model.lora import apply_lora
 
         with warnings.catch_warnings():  # transformers' deprecation notes from inside PEFT
             warnings.simplefilter("ignore")
@@ -446,7 +453,7 @@ def _gib(value: float | None) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    from audio_llm.metrics import format_duration
+    from audio_llm.train.metrics import format_duration
 
     spec, p, s, mem = plan["spec"], plan["params"], plan["sample"], plan["memory_per_gpu"]
     act, check, fl, ep = (

@@ -22,11 +22,8 @@ from pathlib import Path
 
 import torch
 
-from audio_llm.dist import free_port
-from audio_llm.encoder import encoder_identity, load_whisper_encoder
-from audio_llm.pack import atomic_write_bytes
-from audio_llm.pretrained import fetch_whisper_tiny_en
-from audio_llm.reading import (
+from audio_llm.demo.pretrained import fetch_whisper_tiny_en
+from audio_llm.demo.reading import (
     READER_ASSET,
     ReadingSpec,
     install_reader,
@@ -35,10 +32,13 @@ from audio_llm.reading import (
     teach_reading,
     write_reader_asset,
 )
-from audio_llm.speech import CorpusSpec, corpus_matches, make_corpus
-from audio_llm.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
+from audio_llm.demo.speech import CorpusSpec, corpus_matches, make_corpus
+from audio_llm.demo.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
+from audio_llm.dist import free_port
+from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
+from audio_llm.pack.writer import atomic_write_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_MODELS = TinySpec(
     n_mels=80,
     whisper_d_model=128,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio_llm.encoder import SAMPLE_RATE
+from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.errors import AudioLLMError
 
 WINDOW_SECONDS = 30.0  # Whisper's encoder sees at most this much

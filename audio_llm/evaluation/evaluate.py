@@ -23,8 +23,8 @@ from audio_llm.data.collate import AudioSample, Collator, model_collator
 from audio_llm.data.shards import ShardSet
 from audio_llm.data.stream import _Problems, decode_sample, parse_sample, read_shard
 from audio_llm.errors import AudioLLMError
-from audio_llm.export import add_model_source
-from audio_llm.wer import score
+from audio_llm.evaluation.export import add_model_source
+from audio_llm.evaluation.wer import score
 
 MAX_WORDS_PER_SECOND = 6.0  # fast speech is ~4 words/s; more than this cannot all be in the audio
 
@@ -277,7 +277,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from audio_llm.export import load_for_inference
+    from audio_llm.evaluation.export import load_for_inference
 
     if "RANK" in os.environ:
         dist.init_distributed()

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.lora import save_adapter
-from audio_llm.model import CTC_BLANK_FILE
+from audio_llm.model.audio_llm import CTC_BLANK_FILE
+from audio_llm.model.lora import save_adapter
 
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
@@ -112,7 +112,7 @@ def load_for_inference(
     """An AudioLLM ready to transcribe, from a training run folder or a bundle from `export`."""
     from peft import PeftModel
 
-    from audio_llm.model import build_audio_llm
+    from audio_llm.model.audio_llm import build_audio_llm
 
     if (run is None) == (export is None):
         raise AudioLLMError("give exactly one of --run RUN_DIR or --export DIR")
@@ -152,7 +152,7 @@ def load_for_inference(
 def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
     """`audio-llm export`: encoder + feature extractor, projector, adapter (or merged LLM),
     tokenizer and config in one folder, written under a temporary name and renamed."""
-    from audio_llm.transcribe import training_clip_seconds
+    from audio_llm.evaluation.transcribe import training_clip_seconds
 
     run_dir, out = Path(run_dir), Path(out_dir)
     model = load_for_inference(run=run_dir)

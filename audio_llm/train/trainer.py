@@ -24,20 +24,20 @@ import numpy as np
 import torch
 
 from audio_llm import dist
-from audio_llm.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
 from audio_llm.config import Config
 from audio_llm.data import ShardSet, build_loader
-from audio_llm.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
 from audio_llm.errors import AudioLLMError
-from audio_llm.evaluate import evaluate
-from audio_llm.export import export_weights
-from audio_llm.faults import fault_point
-from audio_llm.flops import ModelShape, flops_rates, with_flops
-from audio_llm.metrics import MetricsLogger, StepTimer, format_progress, step_time_skew
-from audio_llm.model import build_audio_llm, count_targets
-from audio_llm.schedule import make_scheduler
+from audio_llm.evaluation.evaluate import evaluate
+from audio_llm.evaluation.export import export_weights
+from audio_llm.model.audio_llm import build_audio_llm, count_targets
+from audio_llm.planning.flops import ModelShape, flops_rates, with_flops
+from audio_llm.train.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
+from audio_llm.train.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
+from audio_llm.train.faults import fault_point
+from audio_llm.train.metrics import MetricsLogger, StepTimer, format_progress, step_time_skew
+from audio_llm.train.schedule import make_scheduler
 
-log = logging.getLogger("audio_llm.train")
+log = logging.getLogger("audio_llm.train.trainer")
 TENSOR_KEYS = (
     "input_ids",
     "attention_mask",
@@ -284,7 +284,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     ds = build_ds_config(ds_config, cfg, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_shape = ModelShape.from_model(model)  # before ZeRO-3 partitions the weights away
-    from audio_llm.ds_ops import normalize_cuda_arch_list
+    from audio_llm.train.ds_ops import normalize_cuda_arch_list
 
     normalize_cuda_arch_list()  # before deepspeed.initialize JIT-builds FusedAdam ('9.0a')
     import deepspeed  # after the cheap checks: importing it costs seconds

@@ -39,7 +39,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 from audio_llm import __version__
-from audio_llm.audio import (
+from audio_llm.audio.frames import HOP_LENGTH, MEL_FRAMES_PER_WINDOW, SAMPLE_RATE, encoder_frames
+from audio_llm.audio.io import (
     AudioDecodeError,
     AudioFileMissing,
     decode_flac,
@@ -49,14 +50,8 @@ from audio_llm.audio import (
 )
 from audio_llm.data.shards import FORMAT_VERSION, INDEX_NAME, read_index
 from audio_llm.data.shards import PAYLOADS as PAYLOAD_SUFFIX
-from audio_llm.encoder import (
-    HOP_LENGTH,
-    MEL_FRAMES_PER_WINDOW,
-    SAMPLE_RATE,
-    encoder_frames,
-)
 from audio_llm.errors import AudioLLMError
-from audio_llm.text import normalize_transcript
+from audio_llm.model.prompts import normalize_transcript
 
 MODES = tuple(PAYLOAD_SUFFIX)
 FORMATS = ("jsonl", "librispeech", "kaldi")
@@ -453,7 +448,7 @@ def prepare_sample(key: str, utt: Utterance, settings: PackSettings) -> Prepared
 
     if settings.mode == "audio":
         return Prepared(key, meta, encode_flac(audio), truncated=truncated)
-    from audio_llm.features import log_mel  # torch only where features are computed
+    from audio_llm.audio.features import log_mel  # torch only where features are computed
 
     mel = log_mel(audio, settings.mel_filters).numpy()
     if settings.mode == "mel":
@@ -511,7 +506,7 @@ class EncoderBatcher:
     ) -> None:
         import torch
 
-        from audio_llm.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
+        from audio_llm.model.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
 
         self.torch = torch
         self.device = torch.device(device)
@@ -800,7 +795,7 @@ class PackOptions:
 def _feature_extractor(options: PackOptions):
     from transformers import WhisperFeatureExtractor
 
-    from audio_llm.encoder import load_feature_extractor
+    from audio_llm.model.encoder import load_feature_extractor
 
     if options.feature_extractor is not None:
         return load_feature_extractor(options.feature_extractor)
@@ -853,7 +848,7 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
     features = encoder_info = batcher = None
     mel_filters = None
     if options.mode != "audio":
-        from audio_llm.features import feature_settings
+        from audio_llm.audio.features import feature_settings
 
         extractor = _feature_extractor(options)
         features = feature_settings(extractor)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.tiny import vocabulary
 
 TRAIN_VOICES = (
     "en-us",

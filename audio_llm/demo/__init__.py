@@ -1,0 +1,8 @@
+"""`make demo`, the embedded end-to-end job: tiny models written from configs (`tiny`), the
+espeak-ng spoken corpus (`speech`), text-only reading pretraining of the tiny LLM (`reading`),
+pretrained whisper-tiny.en fetched as data and converted from CTranslate2 (`pretrained`,
+`ct2_whisper`) and the driver that runs the real commands (`run`, `python -m audio_llm.demo`).
+
+May import anything in the package; nothing in the package imports `demo` except the CLI's
+`tiny` and `teach-reading` commands.
+"""

@@ -1,0 +1,5 @@
+"""Using a trained model: WER scoring (`wer`), batched evaluation over shards (`evaluate`), the
+self-contained export bundle (`export`) and long-audio transcription (`transcribe`).
+
+May import `config`, `dist`, `audio`, `model`, `data`; never `train` or `demo`.
+"""
