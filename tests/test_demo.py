@@ -80,7 +80,7 @@ def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatc
 
 
 def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
-    from audio_llm.demo import _shards_match
+    from audio_llm.demo.run import _shards_match
     from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
 
     whisper = load_whisper_encoder(tiny_models["whisper"])
@@ -109,7 +109,7 @@ print("20:41:05 [rank 0] INFO step 100: eval WER 12.50% over 24 utterances", fil
 
 
 def test_a_demo_step_shows_its_progress_and_names_its_log(tmp_path, capsys):
-    from audio_llm.demo import _run
+    from audio_llm.demo.run import _run
 
     log = tmp_path / "stage2.log"
     _run([sys.executable, "-c", FAKE_TRAINER], log, echo_every=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from audio_llm.demo import DEMO_MODELS
+from audio_llm.demo.run import DEMO_MODELS
 from audio_llm.demo.tiny import TinySpec
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
