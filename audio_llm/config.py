@@ -6,7 +6,6 @@ in `__post_init__`, so a bad value fails at start-up with a message naming the f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -359,24 +358,3 @@ def explain(cls: type = Config, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return lines
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "config",
-        help="print the resolved training config (file + overrides)",
-        description="Resolve --config FILE plus section.key=value overrides, validate, print YAML.",
-    )
-    p.add_argument("--config", help="YAML or JSON config file")
-    p.add_argument("--explain", action="store_true", help="list every field with its help text")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.explain:
-        print("\n".join(explain()))
-        return 0
-    cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-    return 0

@@ -19,11 +19,12 @@ Entry points end with `shutdown()`, so no rank exits while another still talks t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], enabled: bool = True) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned `params` hold their full values on every rank.
+
+    Collective when `enabled` (every rank enters it with the same parameters); a no-op when not,
+    so callers pass `enabled=engine.zero_optimization_stage() == 3`. Changes made inside the
+    block are not written back to the partitions.
+    """
+    if not enabled:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+def full_copy(param: torch.nn.Parameter) -> torch.Tensor:
+    """`param` itself, or a detached full copy gathered from its ZeRO-3 partitions (which hold
+    0 elements on this rank outside the module that owns them). Collective in that case."""
+    if param.numel() > 0:
+        return param
+    with gathered([param]):
+        return param.detach().clone()
 
 
 def seed_everything(seed: int) -> None:

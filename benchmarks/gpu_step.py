@@ -150,8 +150,8 @@ def loaded_model_and_batch(
     """`build_audio_llm` on the checkpoint folders, and the first batch the package's loader
     makes of `--batch-from` (on `device`); also its audio seconds."""
     from audio_llm.config import DataConfig, ModelConfig
-    from audio_llm.data import build_loader
-    from audio_llm.model.audio_llm import DTYPES, build_audio_llm
+    from audio_llm.data import build_loader, layout_of
+    from audio_llm.model.build import DTYPES, build_audio_llm
 
     cfg = ModelConfig(
         encoder=args.encoder,
@@ -165,7 +165,7 @@ def loaded_model_and_batch(
     lora = LoraConfig(rank=args.lora_rank) if args.lora_rank else None
     model = build_audio_llm(cfg, lora, device=device)
     data = DataConfig(train_shards=str(args.batch_from), batch_size=args.batch, num_workers=0)
-    batch = next(iter(build_loader(data, model, spec=data.train_shards)))
+    batch = next(iter(build_loader(data, layout_of(model), spec=data.train_shards)))
     seconds = float(batch["stats"]["audio_seconds"])
     tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return model, tensors, seconds

@@ -9,9 +9,10 @@ One run synthesises speech-like audio with a LibriSpeech-like duration mix (16 k
 a JSONL manifest), packs it with `audio_llm.pack.writer` in each mode (timed separately: precomputed
 modes move work from the loader to pack time), then times two loaders over the same clips:
 
-- ours: `build_loader(DataConfig(num_workers=W), model, spec=SHARDS)` per mode: `audio` computes
-  log-mel live in the worker, `audio-device` (`features_on="device"`) only decodes FLAC there and
-  leaves log-mel to the training device, `mel` and `encoder` read precomputed payloads;
+- ours: `build_loader(DataConfig(num_workers=W), layout_of(model), spec=SHARDS)` per mode:
+  `audio` computes log-mel live in the worker, `audio-device` (`features_on="device"`) only
+  decodes FLAC there and leaves log-mel to the training device, `mel` and `encoder` read
+  precomputed payloads;
 - naive: the seed project's map-style `Dataset` (one soundfile read per item, resample if needed,
   `WhisperFeatureExtractor(padding="max_length")` to 3,000 frames, tokenise) in a `DataLoader`
   with a per-sample Python collate.
@@ -57,9 +58,10 @@ from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
 from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.audio.io import decode_flac
 from audio_llm.config import DataConfig, ModelConfig
-from audio_llm.data import build_loader
+from audio_llm.data import build_loader, layout_of
 from audio_llm.demo.tiny import TinySpec, vocabulary, write_tiny_models
-from audio_llm.model.audio_llm import AudioLLM, build_audio_llm
+from audio_llm.model.audio_llm import AudioLLM
+from audio_llm.model.build import build_audio_llm
 from audio_llm.pack.writer import PackOptions, pack
 
 MODES = ("audio", "mel", "encoder")
@@ -682,7 +684,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 seed=args.seed,
                 features_on=features_on,
             )
-            return build_loader(cfg, models[job.label], spec=str(work / "shards" / job.label))
+            layout = layout_of(models[job.label])
+            return build_loader(cfg, layout, spec=str(work / "shards" / job.label))
 
         return make
 

@@ -15,12 +15,12 @@ import soundfile as sf
 
 from audio_llm.config import DataConfig
 from audio_llm.data import bucket as bucket_module
-from audio_llm.data import build_loader, plan_epoch
+from audio_llm.data import build_loader, layout_of, plan_epoch
 from audio_llm.data.bucket import bucket_batches, estimate_batches
 from audio_llm.data.shards import ShardInfo
 from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.build import build_audio_llm
 from audio_llm.pack.writer import PackOptions, pack
 
 
@@ -248,7 +248,7 @@ def model(model_config):
 
 
 def _epoch(cfg, model, shards, rank=0, world=1):
-    loader = build_loader(cfg, model, spec=str(shards), rank=rank, world_size=world)
+    loader = build_loader(cfg, layout_of(model), spec=str(shards), rank=rank, world_size=world)
     batches = [b for _, b in zip(range(loader.batches_per_epoch), loader, strict=False)]
     assert loader.epoch == 0 and sum(loader.consumed) == loader.batches_per_epoch
     return batches, loader
@@ -322,11 +322,11 @@ RESUME_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from audio_llm.config import DataConfig, ModelConfig
-    from audio_llm.data import build_loader
-    from audio_llm.model.audio_llm import build_audio_llm
+    from audio_llm.data import build_loader, layout_of
+    from audio_llm.model.build import build_audio_llm
     args = json.loads(sys.argv[1])
     model = build_audio_llm(ModelConfig(**args["model"]))
-    loader = build_loader(DataConfig(**args["data"]), model, spec=args["shards"])
+    loader = build_loader(DataConfig(**args["data"]), layout_of(model), spec=args["shards"])
     loader.load_state_dict(args["state"])
     left = loader.batches_per_epoch - sum(args["state"]["consumed"])
     it = iter(loader)
@@ -345,7 +345,7 @@ def test_resume_in_a_new_process_gives_the_same_budget_batches(shards, model, mo
     }
     cfg = DataConfig(**data)
     reference, _ = _epoch(cfg, model, shards)
-    partial = build_loader(cfg, model, spec=str(shards))
+    partial = build_loader(cfg, layout_of(model), spec=str(shards))
     it = iter(partial)
     seen = [next(it)["keys"] for _ in range(5)]
     state = json.loads(json.dumps(partial.state_dict()))  # as a checkpoint stores it

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.audio_llm import build_audio_llm
-from audio_llm.model.ctc import CTCPrefixScorer
+from audio_llm.model.build import build_audio_llm
+from audio_llm.model.ctc import CTCPrefixScorer, ctc_decoding
 from tests.helpers import generation_batch
 
 TOKENS, BLANK, T = 3, 3, 5  # token classes 0..2, blank last
@@ -106,7 +106,7 @@ def ctc_model(model_config):
 def test_joint_decoding_of_a_clip_is_the_same_alone_and_in_a_batch(ctc_model, beams):
     """Rows of a beam search map to their own clip's CTC scores (clip = row // beams)."""
     features = torch.randn(3, 80, 300, generator=torch.Generator().manual_seed(1))
-    kwargs = {"max_new_tokens": 5, "num_beams": beams, "ctc_weight": 0.5}
+    kwargs = {"max_new_tokens": 5, "num_beams": beams, "decoding": ctc_decoding(0.5)}
     both = ctc_model.generate(**generation_batch(ctc_model, [300, 120, 200], features), **kwargs)
     alone = ctc_model.generate(
         **generation_batch(ctc_model, [120], features[1:2, :, :120]), **kwargs
@@ -122,11 +122,12 @@ def test_joint_decoding_needs_a_ctc_head_and_a_weight_in_0_1(model_config, ctc_m
     model = build_audio_llm(model_config).eval()
     features = torch.randn(1, 80, 120)
     with pytest.raises(AudioLLMError, match="train.ctc_weight > 0"):
-        model.generate(**generation_batch(model, [120], features), max_new_tokens=2, ctc_weight=0.3)
-    batch = generation_batch(ctc_model, [120], features)
+        batch = generation_batch(model, [120], features)
+        model.generate(**batch, max_new_tokens=2, decoding=ctc_decoding(0.3))
+    assert ctc_decoding(0.0) == ()  # weight 0: the LLM alone
     for weight in (-0.1, 1.5):  # never silently the LLM alone
         with pytest.raises(AudioLLMError, match=r"in \[0, 1\]"):
-            ctc_model.generate(**batch, max_new_tokens=2, ctc_weight=weight)
+            ctc_decoding(weight)
 
 
 def test_cli_decodes_jointly_from_a_run_and_a_bundle(ctc_model, model_config, tmp_path, capsys):
@@ -149,7 +150,7 @@ def test_cli_decodes_jointly_from_a_run_and_a_bundle(ctc_model, model_config, tm
     assert isinstance(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"], str)
     loaded = load_for_inference(run=run)
     assert torch.equal(loaded.ctc_blank.detach(), ctc_model.ctc_blank.detach())
-    assert loaded.ctc_weight == 0  # a head for decoding, no CTC loss
+    assert loaded.aux_heads["ctc"].weight == 0 and not loaded.loss_heads()  # decoding only
 
     bundle = export_bundle(run, tmp_path / "bundle")
     listed = json.loads((bundle / "audio_llm.json").read_text())["ctc_blank"]

@@ -16,11 +16,11 @@ import soundfile as sf
 import torch
 
 from audio_llm.config import DataConfig
-from audio_llm.data import ShardSet, build_loader, plan_epoch
+from audio_llm.data import ShardSet, build_loader, layout_of, plan_epoch
 from audio_llm.data.shards import ShardInfo
 from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.build import build_audio_llm
 from audio_llm.model.prompts import IGNORE_INDEX
 from audio_llm.pack.writer import PackOptions, pack
 
@@ -73,7 +73,9 @@ def _keys_per_rank(shard_dir, model, world, workers, batch_size=3):
     cfg = DataConfig(batch_size=batch_size, num_workers=workers, shuffle_buffer=8)
     out = {}
     for rank in range(world):
-        loader = build_loader(cfg, model, spec=str(shard_dir), rank=rank, world_size=world)
+        loader = build_loader(
+            cfg, layout_of(model), spec=str(shard_dir), rank=rank, world_size=world
+        )
         per_epoch = loader.batches_per_epoch
         batches = [b for _, b in zip(range(per_epoch), loader, strict=False)]
         assert loader.epoch == 0 and sum(loader.consumed) == per_epoch
@@ -96,13 +98,13 @@ def test_two_ranks_two_workers_disjoint_equal_and_complete(shard_dirs, model, ca
 
 def test_epochs_reshuffle_and_are_reproducible(shard_dirs, model):
     cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=8)
-    first = build_loader(cfg, model, spec=str(shard_dirs["mel"]))
+    first = build_loader(cfg, layout_of(model), spec=str(shard_dirs["mel"]))
     n = first.batches_per_epoch
     stream = iter(first)
     epoch0 = [k for _ in range(n) for k in next(stream)["keys"]]
     epoch1 = [k for _ in range(n) for k in next(stream)["keys"]]
     assert first.epoch == 1 and epoch0 != epoch1
-    again = iter(build_loader(cfg, model, spec=str(shard_dirs["mel"])))
+    again = iter(build_loader(cfg, layout_of(model), spec=str(shard_dirs["mel"])))
     assert [k for _ in range(n) for k in next(again)["keys"]] == epoch0
 
 
@@ -110,12 +112,12 @@ RESUME_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from audio_llm.config import DataConfig, ModelConfig
-    from audio_llm.data import build_loader
-    from audio_llm.model.audio_llm import build_audio_llm
+    from audio_llm.data import build_loader, layout_of
+    from audio_llm.model.build import build_audio_llm
     args = json.loads(sys.argv[1])
     model = build_audio_llm(ModelConfig(**args["model"]))
     cfg = DataConfig(batch_size=3, num_workers=2, shuffle_buffer=8)
-    loader = build_loader(cfg, model, spec=args["shards"])
+    loader = build_loader(cfg, layout_of(model), spec=args["shards"])
     loader.load_state_dict(args["state"])
     left = loader.batches_per_epoch - sum(args["state"]["consumed"])
     it = iter(loader)
@@ -126,12 +128,12 @@ RESUME_SCRIPT = textwrap.dedent(
 
 def test_resume_in_a_new_process_continues_with_the_unseen_samples(shard_dirs, model, model_config):
     cfg = DataConfig(batch_size=3, num_workers=2, shuffle_buffer=8)
-    full = build_loader(cfg, model, spec=str(shard_dirs["audio"]))
+    full = build_loader(cfg, layout_of(model), spec=str(shard_dirs["audio"]))
     n = full.batches_per_epoch
     whole = iter(full)
     reference = [k for _ in range(n) for k in next(whole)["keys"]]
 
-    partial = build_loader(cfg, model, spec=str(shard_dirs["audio"]))
+    partial = build_loader(cfg, layout_of(model), spec=str(shard_dirs["audio"]))
     it = iter(partial)
     seen = [k for _ in range(5) for k in next(it)["keys"]]
     state = json.loads(json.dumps(partial.state_dict()))  # as a checkpoint stores it
@@ -203,7 +205,7 @@ def test_truncated_shard_and_pickle_member_are_skipped_counted_never_run(
     (tmp_path / "tmp.tar").replace(folder / names[1])
 
     cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=4)
-    loader = build_loader(cfg, model, spec=str(folder))
+    loader = build_loader(cfg, layout_of(model), spec=str(folder))
     it = iter(loader)
     batches = [next(it) for _ in range(loader.batches_per_epoch)]
     assert len(batches) == loader.batches_per_epoch
@@ -216,8 +218,8 @@ def test_truncated_shard_and_pickle_member_are_skipped_counted_never_run(
 
 def test_mel_shards_match_live_features(shard_dirs, model):
     cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=1)
-    live = next(iter(build_loader(cfg, model, spec=str(shard_dirs["audio"]))))
-    mel = next(iter(build_loader(cfg, model, spec=str(shard_dirs["mel"]))))
+    live = next(iter(build_loader(cfg, layout_of(model), spec=str(shard_dirs["audio"]))))
+    mel = next(iter(build_loader(cfg, layout_of(model), spec=str(shard_dirs["mel"]))))
     assert live["keys"] == mel["keys"]
     assert torch.equal(live["feature_lengths"], mel["feature_lengths"])
     assert mel["input_features"].dtype == torch.float16  # as stored; the encoder casts it
@@ -235,7 +237,7 @@ def test_every_mode_trains_the_model(shard_dirs, model):
     cfg = DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4)
     losses = {}
     for mode, folder in shard_dirs.items():
-        batch = next(iter(build_loader(cfg, model, spec=str(folder))))
+        batch = next(iter(build_loader(cfg, layout_of(model), spec=str(folder))))
         stats = batch.pop("stats")
         assert stats["samples"] == 3 and stats["target_tokens"] > 0
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -255,7 +257,9 @@ def test_shards_from_another_encoder_are_refused(shard_dirs, model_config, tmp_p
     model = build_audio_llm(dataclasses.replace(model_config, encoder=str(other["whisper"])))
     with pytest.raises(AudioLLMError, match="made by another encoder"):
         build_loader(
-            DataConfig(batch_size=2, num_workers=0), model, spec=str(shard_dirs["encoder"])
+            DataConfig(batch_size=2, num_workers=0),
+            layout_of(model),
+            spec=str(shard_dirs["encoder"]),
         )
 
 
@@ -281,19 +285,19 @@ def test_varlen_encoder_shards_train_like_the_live_varlen_encoder(
     cfg = DataConfig(batch_size=3, num_workers=0, shuffle_buffer=4)
     losses = {}
     for name, folder in (("live", shard_dirs["audio"]), ("packed", tmp_path / "varlen")):
-        batch = next(iter(build_loader(cfg, varlen, spec=str(folder))))
+        batch = next(iter(build_loader(cfg, layout_of(varlen), spec=str(folder))))
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         losses[name] = varlen(**batch).loss.item()
     assert losses["packed"] == pytest.approx(losses["live"], rel=2e-2)
     with pytest.raises(AudioLLMError, match="model.varlen_encoder"):
-        build_loader(cfg, varlen, spec=str(shard_dirs["encoder"]))
+        build_loader(cfg, layout_of(varlen), spec=str(shard_dirs["encoder"]))
     with pytest.raises(AudioLLMError, match="model.varlen_encoder"):
-        build_loader(cfg, build_audio_llm(model_config), spec=str(tmp_path / "varlen"))
+        build_loader(cfg, layout_of(build_audio_llm(model_config)), spec=str(tmp_path / "varlen"))
 
 
 def test_over_long_samples_are_refused_and_counted(shard_dirs, model):
     cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=1, max_length=140)
-    loader = build_loader(cfg, model, spec=str(shard_dirs["encoder"]))
+    loader = build_loader(cfg, layout_of(model), spec=str(shard_dirs["encoder"]))
     it = iter(loader)
     batches = [next(it) for _ in range(loader.batches_per_epoch)]
     assert all(b["input_ids"].shape[1] <= 140 for b in batches)
@@ -321,7 +325,9 @@ def test_features_on_device_loader_yields_int16_waveforms_and_the_same_loss(shar
     batches = {}
     for where in ("loader", "device"):
         cfg = DataConfig(batch_size=3, num_workers=1, shuffle_buffer=4, features_on=where)
-        batches[where] = next(iter(build_loader(cfg, model, spec=str(shard_dirs["audio"]))))
+        batches[where] = next(
+            iter(build_loader(cfg, layout_of(model), spec=str(shard_dirs["audio"])))
+        )
     live, wave = batches["loader"], batches["device"]
     assert wave["waveforms"].dtype == torch.int16 and "input_features" not in wave
     assert wave["keys"] == live["keys"] and wave["stats"] == live["stats"]
@@ -340,7 +346,7 @@ def test_features_on_device_loader_yields_int16_waveforms_and_the_same_loss(shar
     assert losses["device"] == pytest.approx(losses["loader"], rel=1e-6)
     # precomputed shards have no log-mel left to move: the option leaves them as they are
     cfg = DataConfig(batch_size=3, num_workers=0, features_on="device")
-    mel = next(iter(build_loader(cfg, model, spec=str(shard_dirs["mel"]))))
+    mel = next(iter(build_loader(cfg, layout_of(model), spec=str(shard_dirs["mel"]))))
     assert "input_features" in mel and "waveforms" not in mel
 
 
@@ -348,19 +354,21 @@ def test_device_log_mel_forward_and_generate_on_odd_lengths(model):
     """0.3, 7.77 and 29.99 s clips in one batch, through FLAC as in shards: the same loss and the
     same generated ids from waveforms (device) as from the collator's log-mel (loader)."""
     from audio_llm.audio.io import decode_flac, encode_flac
-    from audio_llm.data.collate import AudioSample, frames_of, model_collator
+    from audio_llm.data import AudioSample, Collator
+    from audio_llm.data.stages import frames_of
 
     rng = np.random.default_rng(7)
     flacs = [encode_flac(0.2 * rng.standard_normal(round(s * 16000))) for s in (0.3, 7.77, 29.99)]
     texts = ["one two", "three four five", "six"]
     outputs = {}
+    layout = layout_of(model)
     for where in ("loader", "device"):
-        collator = model_collator(model, "audio", 10**9, where)
+        collator = Collator(layout, "audio", where)
         samples = []
         for i, (data, text) in enumerate(zip(flacs, texts, strict=True)):
-            audio = decode_flac(data, pcm16=collator.pcm16)
+            audio = decode_flac(data, pcm16=collator.features_on_device)
             meta = {"text": text, "num_samples": len(audio)}
-            example = collator.encode(meta, frames_of(meta, "audio"))
+            example = layout.example(meta, frames_of(meta, "audio"), "audio")
             samples.append(AudioSample(f"k{i}", text, None, len(audio) / 16000, example, audio))
         train, prompts = collator(samples), collator.prompt_batch(samples)
         if where == "device":
@@ -384,8 +392,8 @@ def test_device_log_mel_forward_and_generate_on_odd_lengths(model):
 def _masked(cfg: DataConfig, model, folder: Path, n: int) -> tuple[list[dict], list[dict]]:
     """The first `n` batches of `folder` without masks and with `cfg`'s masks (same seed)."""
     plain = DataConfig(**{**vars(cfg), "time_masks": 0, "feature_masks": 0})
-    clean = iter(build_loader(plain, model, spec=str(folder)))
-    masked = iter(build_loader(cfg, model, spec=str(folder)))
+    clean = iter(build_loader(plain, layout_of(model), spec=str(folder)))
+    masked = iter(build_loader(cfg, layout_of(model), spec=str(folder)))
     return [next(clean) for _ in range(n)], [next(masked) for _ in range(n)]
 
 
@@ -447,26 +455,40 @@ def test_masks_are_reproducible_and_replayed_on_resume(shard_dirs, model):
         feature_masks=2,
     )
     spec = str(shard_dirs["audio"])  # live log-mel, computed in the loader, then masked
-    first = iter(build_loader(cfg, model, spec=spec))
+    first = iter(build_loader(cfg, layout_of(model), spec=spec))
     reference = [next(first)["input_features"] for _ in range(4)]
-    again = iter(build_loader(cfg, model, spec=spec))
+    again = iter(build_loader(cfg, layout_of(model), spec=spec))
     assert all(torch.equal(next(again)["input_features"], r) for r in reference)
-    resumed = build_loader(cfg, model, spec=spec)
+    resumed = build_loader(cfg, layout_of(model), spec=spec)
     resumed.load_state_dict({"epoch": 0, "consumed": [2]})
     it = iter(resumed)
     assert torch.equal(next(it)["input_features"], reference[2])
     assert torch.equal(next(it)["input_features"], reference[3])
-    other = iter(build_loader(DataConfig(**{**vars(cfg), "seed": 1}), model, spec=spec))
+    other = iter(build_loader(DataConfig(**{**vars(cfg), "seed": 1}), layout_of(model), spec=spec))
     assert not torch.equal(next(other)["input_features"], reference[0])
 
 
 def test_masks_refuse_waveform_batches_and_bad_settings(shard_dirs, model):
     cfg = DataConfig(batch_size=2, num_workers=0, time_masks=1, features_on="device")
     with pytest.raises(AudioLLMError, match="features_on=loader"):
-        build_loader(cfg, model, spec=str(shard_dirs["audio"]))
+        build_loader(cfg, layout_of(model), spec=str(shard_dirs["audio"]))
     # precomputed features ignore features_on, so the same config masks encoder shards
-    assert build_loader(cfg, model, spec=str(shard_dirs["encoder"])).stream.augment is not None
+    assert (
+        build_loader(cfg, layout_of(model), spec=str(shard_dirs["encoder"])).stream.augment
+        is not None
+    )
     with pytest.raises(AudioLLMError, match="time_masks"):
         DataConfig(time_masks=-1)
     with pytest.raises(AudioLLMError, match="feature_mask_fraction"):
         DataConfig(feature_masks=1, feature_mask_fraction=1.5)
+
+
+def test_the_layout_counts_audio_positions_as_the_model_does(model):
+    """`layout_of` is the pipeline's one view of the model: its audio span for a clip is the
+    model's `num_audio_tokens`, from mel frames (audio, mel shards) or encoder frames."""
+    layout = layout_of(model)
+    assert layout.stack == model.projector.stack
+    for mel in (1, 2, 3, 159, 160, 161, 2999, 3000):
+        enc = (mel - 1) // 2 + 1
+        assert layout.audio_tokens(mel, "audio") == model.num_audio_tokens(mel)
+        assert layout.audio_tokens(enc, "encoder") == model.num_audio_tokens(mel)

@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from audio_llm.data import ShardSet
-from audio_llm.data.stream import _Problems
-from audio_llm.evaluation.evaluate import EvalResult, iter_samples
+from audio_llm.data import Problems, ShardSet, eval_samples
+from audio_llm.evaluation.evaluate import EvalResult
 
 SHARDS = Path(__file__).resolve().parents[1] / "shards" / "sample" / "audio"
 
@@ -24,12 +23,12 @@ def test_two_ranks_count_a_cut_shard_once_and_share_its_samples(tmp_path):
     counts: Counter = Counter()
     keys: list[str] = []
     for rank in (0, 1):  # what each of 2 ranks reads and counts
-        problems = _Problems()
-        keys += [s.key for s in iter_samples(shards, rank, 2, "skip", problems)]
+        problems = Problems()
+        keys += [s.key for s in eval_samples(shards, rank, 2, "skip", problems)]
         counts.update(problems.counts)
     assert counts == {"corrupt_shard": 2}  # each cut shard once, not once per rank
     assert len(keys) == len(set(keys))  # no sample twice
-    alone = [s.key for s in iter_samples(shards, 0, 1, "skip", _Problems())]
+    alone = [s.key for s in eval_samples(shards, 0, 1, "skip", Problems())]
     assert sorted(keys) == sorted(alone) and len(alone) < 24
 
 

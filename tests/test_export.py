@@ -9,7 +9,8 @@ from transformers import Qwen2VLForConditionalGeneration
 from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluation.export import export_weights
-from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.build import build_audio_llm
+from audio_llm.model.ctc import CTCHead
 from audio_llm.model.projector import AudioProjector
 
 
@@ -107,4 +108,4 @@ def test_a_ctc_blank_of_another_width_is_refused(model_config, tmp_path):
     model = build_audio_llm(model_config)
     save_file({"ctc_blank": torch.zeros(7)}, str(tmp_path / "blank.safetensors"))
     with pytest.raises(AudioLLMError, match="ctc_blank of shape"):
-        model.enable_ctc(1.0, tmp_path / "blank.safetensors")
+        CTCHead.attach(model, 1.0, tmp_path / "blank.safetensors")

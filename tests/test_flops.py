@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from audio_llm.config import LoraConfig
-from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.build import build_audio_llm
 from audio_llm.planning.arch import resolve_config
 from audio_llm.planning.flops import (
     ModelShape,

@@ -8,12 +8,17 @@ from torch import nn
 
 from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.audio_llm import build_audio_llm, count_targets, target_labels
+from audio_llm.model.audio_llm import count_targets, target_labels
+from audio_llm.model.build import build_audio_llm
 from audio_llm.model.projector import AudioProjector
 from audio_llm.model.prompts import IGNORE_INDEX
 from tests.helpers import generation_batch, training_batch
 
 TEXTS = ["the red fox runs", "hello world\r\n"]
+
+
+def trainable(model) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +34,17 @@ def test_forward_backward_grads_only_on_trainable(stage2):
     loss = stage2(**batch).loss
     assert torch.isfinite(loss)
     loss.backward()
-    trainable = stage2.trainable_parameters()
-    assert trainable and all(n.startswith("projector.") or ".lora_" in n for n in trainable), (
-        sorted(trainable)[:5]
-    )
+    trained = trainable(stage2)
+    ours = all(n.startswith("projector.") or ".lora_" in n for n in trained)
+    assert trained and ours, sorted(trained)[:5]
     for name, p in stage2.named_parameters():
-        if name in trainable:
+        if name in trained:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
         else:
             assert p.grad is None, name
     assert all(p.grad is None for p in stage2.encoder.parameters())
     # lora_B starts at zero, so the first step moves B (A's gradient flows through B)
-    assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+    assert all(p.grad.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)
 
 
 def test_exactly_the_transcript_positions_contribute(stage2):
@@ -106,7 +110,7 @@ def test_generate_is_batch_invariant(stage2):
 
 def test_stage1_trains_the_projector_only(model_config):
     model = build_audio_llm(model_config)
-    assert set(model.trainable_parameters()) == {"projector.net.0.weight", "projector.net.0.bias"}
+    assert set(trainable(model)) == {"projector.net.0.weight", "projector.net.0.bias"}
 
 
 def test_stacking_shrinks_the_audio_span(model_config):
@@ -154,17 +158,20 @@ def test_ctc_loss_is_added_and_trains_projector_and_blank(model_config):
     model.train()
     batch = training_batch(model, [3000, 1700], TEXTS)
     out = model(**batch)
-    assert torch.isfinite(out.ctc_loss) and out.ctc_loss > 0
-    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.ctc_loss)
+    ctc = out.aux_losses["ctc"]
+    assert torch.isfinite(ctc) and ctc > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * ctc)
     out.loss.backward()
     assert model.ctc_blank.grad is not None and model.ctc_blank.grad.abs().sum() > 0
+    # the blank is the model's own first parameter: its name and place are the checkpoints'
+    assert next(iter(model.named_parameters()))[0] == "ctc_blank"
     assert all(p.grad is None for p in model.llm.parameters())  # the embedding table stays frozen
     # The CTC term alone can teach the projector to spell the transcript in embedding space.
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     first = None
     for _ in range(40):
         opt.zero_grad()
-        ctc = model(**batch).ctc_loss
+        ctc = model(**batch).aux_losses["ctc"]
         first = first if first is not None else ctc.item()
         ctc.backward()
         opt.step()
@@ -195,7 +202,8 @@ def test_ctc_targets_are_the_transcript_without_end_of_turn(model_config):
 def test_without_ctc_the_model_has_no_blank(model_config):
     model = build_audio_llm(model_config)
     out = model(**training_batch(model, [3000], ["the red fox"]))
-    assert not hasattr(model, "ctc_blank") and out.get("ctc_loss") is None
+    assert not hasattr(model, "ctc_blank") and not model.aux_heads
+    assert out.get("aux_losses") is None and out.get("aux_loss_sums") is None
 
 
 def full_logits_loss(model, batch: dict) -> torch.Tensor:
@@ -232,13 +240,13 @@ def test_label_only_head_equals_the_full_logits_loss_and_gradients(model_config)
     batch = training_batch(model, [300, 170, 240], [*TEXTS, "a longer third transcript here"])
     head = model.causal_lm().lm_head.weight
     assert head is model.llm.get_input_embeddings().weight  # tied, as in the tiny model
-    trainable = model.trainable_parameters()
+    trained = trainable(model)
 
     def loss_and_grads(loss_fn):
         model.zero_grad()
         loss = loss_fn()
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in trainable.items()}
+        return loss.detach(), {n: p.grad.clone() for n, p in trained.items()}
 
     ref_loss, ref_grads = loss_and_grads(lambda: full_logits_loss(model, batch))
     new_loss, new_grads = loss_and_grads(lambda: model(**batch).loss)
@@ -276,5 +284,5 @@ def test_ctc_sum_is_the_batch_mean_times_the_clips(model_config):
     torch.manual_seed(0)
     model = build_audio_llm(model_config, ctc_weight=0.5)
     out = model(**training_batch(model, [3000, 1700], TEXTS))
-    torch.testing.assert_close(out.ctc_loss_sum, 2 * out.ctc_loss)
-    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.ctc_loss)
+    torch.testing.assert_close(out.aux_loss_sums["ctc"], 2 * out.aux_losses["ctc"])
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.aux_losses["ctc"])

@@ -18,16 +18,11 @@ from audio_llm.audio.io import load_audio
 from audio_llm.cli import main
 from audio_llm.errors import AudioLLMError
 from audio_llm.model.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
-from audio_llm.pack import writer as pack_module
-from audio_llm.pack.writer import (
-    PackOptions,
-    PackSettings,
-    Utterance,
-    assign_keys,
-    pack,
-    read_inputs,
-    verify,
-)
+from audio_llm.pack import prepare as prepare_module
+from audio_llm.pack.manifests import Utterance, read_inputs
+from audio_llm.pack.prepare import PackSettings
+from audio_llm.pack.verify import verify
+from audio_llm.pack.writer import PackOptions, assign_keys, pack
 
 PCM16_STEP = 1 / 32768
 
@@ -259,7 +254,7 @@ def test_commands_never_run_unless_the_settings_allow_them(tmp_path):
     marker = tmp_path / "MARKER"
     utt = Utterance(id="u", audio=None, text="x", source="cmd", command=f"touch {marker} |")
     with pytest.raises(AudioLLMError, match="--allow-pipes"):
-        pack_module.prepare_sample("u", utt, PackSettings("audio"))
+        prepare_module.prepare_sample("u", utt, PackSettings("audio"))
     assert not marker.exists()
 
 
@@ -610,8 +605,8 @@ def test_crash_leaves_no_temp_file_and_no_index(corpus, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real_encode(audio)
 
-    real_encode = pack_module.encode_flac
-    monkeypatch.setattr(pack_module, "encode_flac", failing_encode)
+    real_encode = prepare_module.encode_flac
+    monkeypatch.setattr(prepare_module, "encode_flac", failing_encode)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         pack([corpus], PackOptions(out=out, quiet=True))

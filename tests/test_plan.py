@@ -12,7 +12,7 @@ import torch
 from audio_llm.cli import main
 from audio_llm.config import LoraConfig, ModelConfig
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.audio_llm import build_audio_llm
+from audio_llm.model.build import build_audio_llm
 from audio_llm.planning.flops import ModelShape, lora_params
 from audio_llm.planning.plan import (
     MEMORY_HEADROOM,

@@ -142,7 +142,7 @@ def test_cli_transcribes_long_stereo_44k_audio(tmp_path, capsys):
     from audio_llm.config import LoraConfig, ModelConfig
     from audio_llm.demo.tiny import write_tiny_models
     from audio_llm.evaluation.export import export_weights
-    from audio_llm.model.audio_llm import build_audio_llm
+    from audio_llm.model.build import build_audio_llm
 
     paths = write_tiny_models(tmp_path / "tiny")
     cfg = ModelConfig(encoder=str(paths["whisper"]), llm=str(paths["qwen2vl"]), dtype="float32")

@@ -1,4 +1,5 @@
-"""`audio-llm` console script: one subcommand per module, each registering its own arguments."""
+"""`audio-llm` console script: one module of this package per subcommand, each registering its
+own arguments; the library modules behind them know nothing of argparse."""
 
 from __future__ import annotations
 
@@ -8,35 +9,39 @@ import sys
 
 from audio_llm.errors import AudioLLMError
 
-# Each module defines `register(subparsers)`, which adds a parser whose `func(args) -> int` runs it.
+# Each `audio_llm.cli.<module>` defines `register(subparsers)`, which adds a parser whose
+# `func(args) -> int` runs it.
 # Imported lazily per command so `audio-llm --help` stays fast and torch loads only when needed.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny": ("audio_llm.demo.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
+    "tiny": ("audio_llm.cli.tiny", "write tiny offline Whisper + Qwen2-VL checkpoints"),
     "teach-reading": (
-        "audio_llm.demo.reading",
+        "audio_llm.cli.teach_reading",
         "text-only pretraining of a tiny LLM to read embeddings at audio placeholders",
     ),
-    "lora-targets": ("audio_llm.model.lora", "show which modules a LoRA regex hits, per component"),
-    "config": ("audio_llm.config", "print the resolved training config (file + overrides)"),
+    "lora-targets": (
+        "audio_llm.cli.lora_targets",
+        "show which modules a LoRA regex hits, per component",
+    ),
+    "config": ("audio_llm.cli.config", "print the resolved training config (file + overrides)"),
     "pack": (
-        "audio_llm.pack.writer",
+        "audio_llm.cli.pack",
         "build WebDataset shards + index.json from manifests/LibriSpeech/Kaldi dirs",
     ),
     "wer": (
-        "audio_llm.evaluation.wer",
+        "audio_llm.cli.wer",
         "score hypotheses against references: WER, CER, bootstrap interval",
     ),
     "eval": (
-        "audio_llm.evaluation.evaluate",
+        "audio_llm.cli.eval",
         "transcribe shards with a trained model and report WER",
     ),
     "export": (
-        "audio_llm.evaluation.export",
+        "audio_llm.cli.export",
         "bundle a training run into a folder transcribe/eval load",
     ),
-    "transcribe": ("audio_llm.evaluation.transcribe", "transcribe audio files of any length"),
+    "transcribe": ("audio_llm.cli.transcribe", "transcribe audio files of any length"),
     "plan": (
-        "audio_llm.planning.plan",
+        "audio_llm.cli.plan",
         "memory per GPU, FLOPs and epoch time for a setup (no download)",
     ),
 }

@@ -1,8 +1,8 @@
-"""The robust collator: normalised transcripts -> token ids with the audio span -> padded batch.
+"""The collator: tokenised, decoded samples -> the padded batch `AudioLLM.forward` takes.
 
-Token layout and label masking come from `PromptBuilder`; this module sizes the audio span from
-each sample's frame count, refuses samples that would not fit `max_length` (counted, never a
-crashed step), and pads audio and text into the tensors `AudioLLM.forward` takes.
+Token ids and labels come with each sample (the stream's `tokenize` stage builds them with
+`AudioLayout.example` and refuses what would not fit `max_length`); this module pads them, pads
+the audio, and builds left-padded generation prompts for evaluation.
 
 Audio (live) shards give log-mel computed here, in the loader worker (`features_on="loader"`), or
 the padded int16 waveforms, for `AudioLLM` to compute the same log-mel batched on its own device
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audio_llm.audio.frames import HOP_LENGTH, SAMPLE_RATE, encoder_frames
-from audio_llm.model.prompts import IGNORE_INDEX, Example, PromptBuilder
+from audio_llm.audio.frames import HOP_LENGTH
+from audio_llm.data.layout import AudioLayout
+from audio_llm.model.prompts import IGNORE_INDEX, Example
 
 
 @dataclass
@@ -35,50 +36,22 @@ class AudioSample:
     enc: np.ndarray | None = None
 
 
-def frames_of(meta: dict, mode: str) -> int:
-    """Valid frames of a sample from its json: mel frames (audio, mel) or encoder frames."""
-    if mode == "audio":
-        samples = meta.get("num_samples") or round(float(meta["duration"]) * SAMPLE_RATE)
-        return int(samples) // HOP_LENGTH
-    return int(meta["frames"])
-
-
 class Collator:
-    """Builds examples (`encode`) and padded batches (`__call__`) for one shard mode."""
+    """Padded training batches (`__call__`) and generation batches (`prompt_batch`) for one
+    shard mode; each sample is visited once, in the batch it belongs to."""
 
-    def __init__(
-        self,
-        prompts: PromptBuilder,
-        mode: str,
-        stack_factor: int,
-        max_length: int,
-        mel_filters: np.ndarray | None = None,
-        features_on: str = "loader",
-    ) -> None:
+    def __init__(self, layout: AudioLayout, mode: str, features_on: str = "loader") -> None:
         if features_on not in ("loader", "device"):
             raise ValueError(f"features_on must be 'loader' or 'device', got {features_on!r}")
         # Waveform batches, for log-mel on the device, travel as int16 PCM: exact for the 16-bit
         # FLAC in shards, and half the bytes of float32 to send from a worker to the trainer.
         # Precomputed (mel, encoder) payloads have no log-mel left to place: they ignore it.
-        self.pcm16 = mode == "audio" and features_on == "device"
-        if mode == "audio" and not self.pcm16 and mel_filters is None:
+        self.features_on_device = mode == "audio" and features_on == "device"
+        if mode == "audio" and not self.features_on_device and layout.mel_filters is None:
             raise ValueError("audio mode computes log-mel in the loader and needs mel_filters")
-        self.prompts = prompts
+        self.layout = layout
         self.mode = mode
-        self.stack_factor = stack_factor
-        self.max_length = max_length
-        self.mel_filters = mel_filters
-        self.pad_id = prompts.tokenizer.pad_token_id
-
-    def audio_tokens(self, frames: int) -> int:
-        """LLM positions for `frames` (mel frames, or encoder frames in encoder mode)."""
-        enc = frames if self.mode == "encoder" else int(encoder_frames(frames))
-        return -(-enc // self.stack_factor)
-
-    def encode(self, meta: dict, frames: int) -> Example | None:
-        """Ids + labels for a sample, or None when it exceeds `max_length`."""
-        example = self.prompts.example(self.audio_tokens(frames), meta["text"], meta.get("prompt"))
-        return example if len(example.input_ids) <= self.max_length else None
+        self.pad_id = layout.prompts.tokenizer.pad_token_id
 
     def __call__(self, samples: list[AudioSample]) -> dict:
         """Training batch: right-padded ids, labels and mask, plus the audio tensors."""
@@ -91,7 +64,10 @@ class Collator:
 
     def prompt_batch(self, samples: list[AudioSample]) -> dict:
         """Generation batch: left-padded prompts (no transcript) plus the audio tensors."""
-        prompts = [self.prompts.prompt(self.audio_tokens(_frames(s)), s.prompt) for s in samples]
+        prompts = [
+            self.layout.prompts.prompt(self.layout.audio_tokens(_frames(s), self.mode), s.prompt)
+            for s in samples
+        ]
         ids = _pad_ids(prompts, self.pad_id, left=True)
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
@@ -110,7 +86,7 @@ class Collator:
         elif self.mode == "mel":
             batch["input_features"] = _pad([s.mel for s in samples])
             batch["feature_lengths"] = torch.tensor([s.mel.shape[1] for s in samples])
-        elif self.pcm16:
+        elif self.features_on_device:
             batch["waveforms"] = _pad(_one_dtype([s.audio for s in samples]))
             batch["waveform_lengths"] = torch.tensor([len(s.audio) for s in samples])
         else:
@@ -118,9 +94,9 @@ class Collator:
 
             waves = _pad([s.audio for s in samples])
             lengths = torch.tensor([len(s.audio) for s in samples])
-            feats, frames = log_mel_batch(waves, lengths, self.mel_filters)
+            feats, frames = log_mel_batch(waves, lengths, self.layout.mel_filters)
             batch["input_features"], batch["feature_lengths"] = feats, frames
-        audio_positions = int((ids == self.prompts.audio_token_id).sum())
+        audio_positions = int((ids == self.layout.prompts.audio_token_id).sum())
         batch["stats"] = {
             "samples": len(samples),
             "audio_seconds": float(sum(s.seconds for s in samples)),
@@ -172,15 +148,3 @@ def _pad(arrays: list[np.ndarray]) -> torch.Tensor:
     for row, a in enumerate(arrays):
         out[row][tuple(slice(0, n) for n in a.shape)] = a
     return torch.from_numpy(out)
-
-
-def model_collator(model, mode: str, max_length: int, features_on: str = "loader") -> Collator:
-    """The collator for `model` and a shard mode (live log-mel uses the model's mel filters)."""
-    return Collator(
-        model.prompts,
-        mode,
-        model.projector.stack,
-        max_length,
-        mel_filters=model.feature_extractor.mel_filters if mode == "audio" else None,
-        features_on=features_on,
-    )

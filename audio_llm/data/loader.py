@@ -1,31 +1,96 @@
-"""Config + model -> a ready `ShardLoader`, with the start-up checks that keep hour three safe."""
+"""Config + layout -> a ready `ShardLoader` (endless batches with a saveable position), with
+the start-up checks that keep hour three safe."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
 from audio_llm.config import DataConfig
 from audio_llm.data.augment import SpecAugment
-from audio_llm.data.collate import model_collator
+from audio_llm.data.layout import AudioLayout
 from audio_llm.data.shards import ShardSet
-from audio_llm.data.stream import ShardLoader, ShardStream
+from audio_llm.data.stream import ShardStream
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.encoder import encoder_identity
 
 
-def check_compatible(shards: ShardSet, model) -> None:
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # loader workers share the node's cores with the training ranks
+
+
+class ShardLoader:
+    """Endless batches, epoch after epoch, with an exact, saveable stream position.
+
+    `state_dict()` is (epoch, batches consumed per worker, problem counts); `load_state_dict` in a
+    new process makes the next batch the first one this position had not yet delivered.
+    """
+
+    def __init__(self, stream: ShardStream, prefetch_factor: int = 2) -> None:
+        self.stream = stream
+        self.prefetch_factor = prefetch_factor
+        self.workers = max(stream.num_workers, 1)
+        self.epoch = 0
+        self.consumed = [0] * self.workers
+        self.problems: Counter = Counter()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.stream.plan(self.epoch).batches_per_rank
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": list(self.consumed),
+            "problems": dict(self.problems),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["consumed"]) != self.workers:
+            raise AudioLLMError(
+                f"the saved data position is for {len(state['consumed'])} loader workers, this "
+                f"run has {self.workers}: resume with the same data.num_workers"
+            )
+        self.epoch = int(state["epoch"])
+        self.consumed = [int(c) for c in state["consumed"]]
+        self.problems = Counter(state.get("problems", {}))
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            self.stream.set_position(self.epoch, self.consumed)
+            workers = self.stream.num_workers
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=workers,
+                worker_init_fn=_worker_init if workers else None,
+                prefetch_factor=self.prefetch_factor if workers else None,
+            )
+            for batch in loader:
+                meta = batch.pop("stream")
+                self.consumed[meta["worker"]] += 1
+                self.problems.update(meta["problems"])
+                yield batch
+            self.epoch += 1
+            self.consumed = [0] * self.workers
+
+
+def check_compatible(shards: ShardSet, layout: AudioLayout) -> None:
     """Precomputed shards must come from this run's encoder / feature extractor."""
     index = shards.index
     if shards.mode == "mel":
         n_mels = int(index.get("features", {}).get("n_mels", -1))
-        if n_mels != model.encoder.num_mel_bins:
+        if n_mels != layout.num_mel_bins:
             raise AudioLLMError(
                 f"{shards.source}: mel shards have {n_mels} mel bins, the encoder takes "
-                f"{model.encoder.num_mel_bins}; "
+                f"{layout.num_mel_bins}; "
                 "repack with --encoder pointing at this run's encoder"
             )
     elif shards.mode == "encoder":
         packed = index.get("encoder") or {}
-        whisper = model.encoder.whisper
-        ours = encoder_identity(whisper, whisper.config.name_or_path, model.encoder.varlen)
+        ours = layout.encoder
         packed = {"varlen": False, **packed}  # shards from before the option ran padded
         keys = [k for k in ours if k != "name_or_path" and k in packed]
         diff = {k: (packed[k], ours[k]) for k in keys if packed[k] != ours[k]}
@@ -45,7 +110,7 @@ def check_compatible(shards: ShardSet, model) -> None:
 
 def build_loader(
     cfg: DataConfig,
-    model,
+    layout: AudioLayout,
     *,
     spec: str,
     index: str = "",
@@ -53,14 +118,16 @@ def build_loader(
     world_size: int = 1,
     seed_offset: int = 0,
 ) -> ShardLoader:
-    """Open `spec` (packed folder, or URLs + `index`), check it against `model`, build a loader."""
+    """Open `spec` (packed folder, or URLs + `index`), check it against `layout` (`layout_of`
+    the run's model), build a loader."""
     shards = ShardSet.open(spec, index)
-    check_compatible(shards, model)
-    collator = model_collator(model, shards.mode, cfg.max_length, cfg.features_on)
+    check_compatible(shards, layout)
     stream = ShardStream(
         shards,
-        collator,
+        layout,
         batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        features_on=cfg.features_on,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,

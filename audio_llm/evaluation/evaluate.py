@@ -7,11 +7,8 @@ ZeRO-3, where every rank must run the same number of forward passes: `synced=Tru
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +16,11 @@ from typing import Any
 import torch
 
 from audio_llm import dist
-from audio_llm.data.collate import AudioSample, Collator, model_collator
-from audio_llm.data.shards import ShardSet
-from audio_llm.data.stream import _Problems, decode_sample, parse_sample, read_shard
+from audio_llm.data import AudioSample, Collator, Problems, ShardSet, eval_samples, layout_of
 from audio_llm.errors import AudioLLMError
-from audio_llm.evaluation.export import add_model_source
 from audio_llm.evaluation.wer import score
+from audio_llm.files import atomic_write_text
+from audio_llm.model.ctc import ctc_decoding
 
 MAX_WORDS_PER_SECOND = 6.0  # fast speech is ~4 words/s; more than this cannot all be in the audio
 
@@ -75,38 +71,6 @@ class EvalResult:
         }
 
 
-def eval_collator(model, mode: str) -> Collator:
-    # nothing is refused at evaluation: every utterance is scored
-    return model_collator(model, mode, max_length=10**9)
-
-
-def iter_samples(
-    shards: ShardSet, rank: int, world: int, long_audio: str, problems: _Problems
-) -> Iterator[AudioSample]:
-    """Every sample of the set exactly once across ranks (sample i goes to rank i % world).
-
-    Every rank reads every shard, so that ranks get even shares whatever the shard sizes; a
-    shard's own problems (corrupt, unknown members) are counted by rank `shard number % world`
-    alone, or `world` ranks would count each of them once."""
-    index = 0
-    others = _Problems(quiet=True)  # what other ranks count (and log)
-    for number, shard in enumerate(shards.shards):
-        mine_to_count = problems if number % world == rank else others
-        for raw in read_shard(shard, shards.payload, mine_to_count):
-            mine = index % world == rank
-            index += 1
-            if not mine:
-                continue
-            parsed = parse_sample(raw, shards.mode, shards.payload, long_audio, problems)
-            if parsed is None:
-                continue
-            meta, frames = parsed
-            try:
-                yield decode_sample(raw, meta, frames, shards.mode)
-            except Exception as exc:  # counted and named, never fatal
-                problems("undecodable", f"{shard.url}:{raw['__key__']}", repr(exc))
-
-
 def flags(hypothesis: str, seconds: float) -> list[str]:
     """Signs of a broken decode: a repeating loop, or more words than the audio could hold."""
     words = hypothesis.split()
@@ -135,16 +99,15 @@ def transcribe_samples(
     ctc_weight: float = 0.0,
 ) -> list[str]:
     """Greedy/beam transcripts of one batch of decoded samples (`ctc_weight`: joint CTC
-    decoding, see `ctc_decode`)."""
+    decoding, see `model.ctc`)."""
     batch = collator.prompt_batch(samples)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     ids = model.generate(
-        **inputs,
+        **model.batch_inputs(batch, device),
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
         synced_gpus=synced,
-        ctc_weight=ctc_weight,
+        decoding=ctc_decoding(ctc_weight),
     )
     return [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
@@ -171,9 +134,9 @@ def evaluate(
     began = time.time()
     rank, world = dist.rank(), dist.world_size()
     shards = ShardSet.open(spec, index)
-    collator = eval_collator(model, shards.mode)
-    problems = _Problems()
-    samples = list(iter_samples(shards, rank, world, long_audio, problems))
+    collator = Collator(layout_of(model), shards.mode)
+    problems = Problems()
+    samples = list(eval_samples(shards, rank, world, long_audio, problems))
     if limit is not None:
         samples = samples[: -(-limit // world)]
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
@@ -235,71 +198,6 @@ def write_results(result: EvalResult, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows)
-    for name, text in (
-        ("utterances.jsonl", lines),
-        ("summary.json", json.dumps(result.summary(), indent=2) + "\n"),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    atomic_write_text(out / "utterances.jsonl", lines)
+    atomic_write_text(out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
     return out
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval",
-        help="transcribe shards with a trained model and report WER",
-        description=(
-            "Batched greedy (or beam) transcription of every sample in --shards, then corpus WER "
-            "(S+D+I over reference words, jiwer) with the chosen normaliser. Writes "
-            "OUT/utterances.jsonl and OUT/summary.json. Under torchrun/deepspeed the samples are "
-            "split across ranks and scored together."
-        ),
-    )
-    add_model_source(p)
-    p.add_argument("--shards", required=True, help="packed shard folder, or URLs with --index")
-    p.add_argument("--index", default="", help="index.json for URL shard specs")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--beams", type=int, default=1, help="beam size (1: greedy)")
-    p.add_argument(
-        "--ctc-weight",
-        type=float,
-        default=0.0,
-        help="joint CTC/LLM decoding weight in [0, 1] for runs trained with train.ctc_weight "
-        "(0: the LLM alone)",
-    )
-    p.add_argument("--normalizer", choices=["none", "basic", "whisper"], default="basic")
-    p.add_argument("--limit", type=int, help="score only the first N samples (quick checks)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from audio_llm.evaluation.export import load_for_inference
-
-    if "RANK" in os.environ:
-        dist.init_distributed()
-    device = f"cuda:{dist.local_rank()}" if args.device == "cuda" else args.device
-    model = load_for_inference(args.run, args.export, device=device)
-    result = evaluate(
-        model,
-        args.shards,
-        args.index,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.beams,
-        normalizer=args.normalizer,
-        limit=args.limit,
-        ctc_weight=args.ctc_weight,
-    )
-    if dist.is_main():
-        write_results(result, args.out)
-        print(result.headline())
-        print(result.report.summary())
-        flagged = sum(1 for r in result.rows if r["flags"])
-        print(f"flagged hypotheses (loops / longer than the audio): {flagged}")
-        print(f"wrote {args.out}/utterances.jsonl and summary.json")
-    dist.shutdown()  # no rank exits while another is still in a collective
-    return 0

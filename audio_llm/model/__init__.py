@@ -1,8 +1,9 @@
 """The network: the frozen Whisper encoder (`encoder`), the trainable projector (`projector`),
 the prompt and token layout of one example (`prompts`), the composed `AudioLLM` (`audio_llm`),
-regex-chosen LoRA on the LLM only (`lora`) and the optional CTC component with joint decoding
-(`ctc`).
+regex-chosen LoRA on the LLM only (`lora`), the optional CTC component with joint decoding
+(`ctc`: an auxiliary head and a decoding hook of `AudioLLM`) and `build`, the one module that
+assembles them all from checkpoint folders (`build_audio_llm`).
 
-Owns parameters and the forward pass. May import `audio_llm.config`, `errors`, `audio`; never
-`data`, `train`, `evaluation` or `demo`.
+Owns parameters and the forward pass. May import `audio_llm.config`, `errors`, `audio`, `dist`
+(ZeRO-3 gathering); never `data`, `train`, `evaluation` or `demo`.
 """

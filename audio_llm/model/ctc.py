@@ -1,6 +1,14 @@
-"""Joint CTC / LLM decoding: the projector's CTC head rescores the LLM's next-token candidates.
+"""The CTC component: an auxiliary CTC loss on the projected audio, and joint CTC/LLM decoding.
 
-A model trained with `train.ctc_weight > 0` has two readings of the same audio: the LLM's
+`CTCHead` is what `train.ctc_weight > 0` adds to an `AudioLLM` (`CTCHead.attach`, called by
+`model.build`): a CTC loss of the transcript over the projected audio positions, whose classes are
+the LLM's own (frozen) input embedding rows plus one learned blank vector, `ctc_blank`. The core
+model knows it only as one of its `aux_heads`: `AudioLLM.forward` adds `weight * loss` for each,
+the trainer scales each head's sum, and the export writes each head's files
+(`ctc_blank.safetensors`, listed as "ctc_blank"), from which the next stage and inference attach
+it again.
+
+Joint decoding: a model trained with the head has two readings of the same audio: the LLM's
 autoregressive one and the CTC head's alignment of the projected positions to token embeddings.
 They fail differently. A small LLM can lose its place in the audio and loop ("our our our") or
 skip a word; CTC cannot, because every output token must be paid for by audio positions, but it
@@ -16,19 +24,32 @@ tokens are scored (the rest are ruled out), and end-of-sequence is scored with t
 that the whole transcript is exactly `g`. Over a beam the step scores add up to the joint score
 of the finished hypothesis, so greedy and beam search both use it unchanged.
 
-`CTCPrefixScorer` is a transformers `LogitsProcessor`: `AudioLLM.generate(ctc_weight=w)` hands
-it to `generate()`. Its prefix states are cached per (clip, prefix), so each step costs one pass
-over the clip's positions for the candidates of every row, whatever the beam reordering does.
+`CTCPrefixScorer` is a transformers `LogitsProcessor`: `AudioLLM.generate(decoding=
+ctc_decoding(w))` hands it to `generate()`. Its prefix states are cached per (clip, prefix), so
+each step costs one pass over the clip's positions for the candidates of every row, whatever the
+beam reordering does.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from audio_llm import dist
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.prompts import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from audio_llm.model.audio_llm import AudioLLM
+
+# The CTC head's learned blank, exported beside the projector when train.ctc_weight > 0, so that
+# stage 2 continues stage 1's CTC loss instead of restarting it from a zero blank.
+CTC_BLANK_FILE = "ctc_blank.safetensors"
 NEG_INF = float("-inf")
 
 
@@ -163,3 +184,132 @@ class CTCPrefixScorer:
             [(new_nonblank[r, :, i], new_blank[r, :, i], prefix_logp[r][i]) for i in range(k)]
             for r in range(rows)
         ]
+
+
+class CTCHead:
+    """The auxiliary CTC loss of `train.ctc_weight`, kept in `AudioLLM.aux_heads["ctc"]`.
+
+    Not a module: its one parameter, `ctc_blank`, is registered on the AudioLLM root, where it
+    comes first in `named_parameters()` (the order DeepSpeed's flat buffers and checkpoints
+    follow). `weight` 0: a head attached for joint decoding only, which adds no loss.
+    """
+
+    name = "ctc"  # key in `aux_heads`; metrics `train/ctc_loss`
+    file_key, file = "ctc_blank", CTC_BLANK_FILE  # its entry in export.json / audio_llm.json
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    @classmethod
+    def attach(
+        cls, model: AudioLLM, weight: float, blank_init: str | Path | None = None
+    ) -> CTCHead:
+        """Add the head to `model` with its blank vector, zero or read from `blank_init` (a
+        `CTC_BLANK_FILE` an earlier stage exported)."""
+        dim = model.llm.get_input_embeddings().embedding_dim
+        first = model.projector.net[0].weight
+        blank = torch.zeros(dim, dtype=first.dtype, device=first.device)
+        if blank_init is not None:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(blank_init)).get("ctc_blank")
+            if saved is None or saved.shape != blank.shape:
+                got = "no ctc_blank tensor" if saved is None else f"shape {tuple(saved.shape)}"
+                raise AudioLLMError(
+                    f"{blank_init}: {got}, this model needs ctc_blank of shape ({dim},): "
+                    "it was exported by a run with another LLM"
+                )
+            blank = saved.to(first.device, first.dtype)
+        model.ctc_blank = nn.Parameter(blank)
+        head = cls(weight)
+        model.aux_heads[cls.name] = head
+        return head
+
+    @classmethod
+    def init_file(cls, projector_init: str) -> Path | None:
+        """The blank an earlier stage exported beside `projector_init`, if there is one."""
+        if not projector_init:
+            return None
+        blank = Path(projector_init).with_name(cls.file)
+        return blank if blank.is_file() else None
+
+    def loss_sum(
+        self, model: AudioLLM, projected: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """CTC of the transcript tokens over the projected audio positions, summed over clips.
+
+        Each position's logits are its dot products with the LLM's input embedding rows plus the
+        learned blank vector, so the projector learns to write, in order, embeddings the LLM
+        already reads as those tokens. Targets are the label tokens (`target_labels`) without
+        end-of-turn; a clip with more targets than positions contributes nothing
+        (`zero_infinity`). Each clip's loss is divided by its target length, as torch's "mean"
+        does, and the clips are added (the caller divides by the clips of the batch or step).
+        """
+        log_probs = self.log_probs(model, projected)
+        keep = (labels != IGNORE_INDEX) & (labels != model.prompts.eos_id)
+        targets = labels[keep]
+        target_lengths = keep.sum(1)
+        per_clip = nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            lengths,
+            target_lengths,
+            blank=log_probs.shape[-1] - 1,
+            reduction="none",
+            zero_infinity=True,
+        )
+        per_clip = per_clip / target_lengths.clamp(min=1).to(per_clip.dtype)
+        return per_clip.sum()
+
+    def log_probs(self, model: AudioLLM, projected: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, T, V + 1]`: per projected position, log-softmax over the LLM's input
+        embedding rows (dot products) and the learned blank, which is last."""
+        # ZeRO-3 partitions the table (and, outside forward(), the blank): private full copies
+        weight = dist.full_copy(model.llm.get_input_embeddings().weight)
+        blank = dist.full_copy(model.ctc_blank)
+        projected = projected.to(weight.dtype)
+        table = weight.detach()
+        # Two products rather than one against [table; blank]: no gradient for the frozen table.
+        tokens = projected @ table.T
+        blank = projected @ blank.to(weight.dtype)[:, None]
+        return torch.cat([tokens, blank], -1).float().log_softmax(-1)
+
+    def export(self, model: AudioLLM, folder: Path) -> dict[str, str]:
+        """Write the blank into `folder`; returns its manifest entry (key -> file name)."""
+        from safetensors.torch import save_file
+
+        blank = model.ctc_blank.detach().contiguous().cpu()
+        save_file({"ctc_blank": blank}, str(folder / self.file))
+        return {self.file_key: self.file}
+
+
+@dataclass(frozen=True)
+class JointCTCDecoding:
+    """A decoding hook for `AudioLLM.generate`: the CTC head rescores the LLM's candidates with
+    weight `weight` in (0, 1] (`CTCPrefixScorer`)."""
+
+    weight: float
+
+    def logits_processor(
+        self, model: AudioLLM, projected: torch.Tensor, lengths: torch.Tensor, num_beams: int
+    ) -> CTCPrefixScorer:
+        head = model.aux_heads.get(CTCHead.name)
+        if head is None:
+            raise AudioLLMError(
+                "joint CTC decoding needs the CTC head of a run trained with "
+                "train.ctc_weight > 0 (its export has ctc_blank.safetensors); "
+                "decode with ctc_weight 0"
+            )
+        eos = model.llm.generation_config.eos_token_id
+        stops = eos if isinstance(eos, list) else [eos]
+        return CTCPrefixScorer(
+            head.log_probs(model, projected), lengths, self.weight, stops, num_beams
+        )
+
+
+def ctc_decoding(weight: float) -> tuple[JointCTCDecoding, ...]:
+    """The decoding hooks of a CTC decoding weight (`eval.ctc_weight`, `--ctc-weight`): none
+    for 0 (the LLM alone), joint CTC/LLM decoding for a weight in (0, 1]."""
+    if not 0 <= weight <= 1:
+        raise AudioLLMError(f"the CTC decoding weight must be in [0, 1], got {weight}")
+    return (JointCTCDecoding(weight),) if weight > 0 else ()

@@ -8,7 +8,6 @@ component of the wrapper (Whisper encoder, projector, vision tower, LLM) so a pa
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +18,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 
-from audio_llm.config import DEFAULT_LORA_REGEX, LoraConfig
+from audio_llm.config import LoraConfig
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.audio_llm import AudioLLM
+from audio_llm.model.encoder import AudioEncoder
+from audio_llm.model.projector import AudioProjector
 
 # Layer types PEFT's LoRA can wrap.
 _LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
@@ -169,9 +171,6 @@ def meta_model(encoder: str, llm: str) -> nn.Module:
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from audio_llm.model.audio_llm import AudioLLM
-    from audio_llm.model.encoder import AudioEncoder
-    from audio_llm.model.projector import AudioProjector
     from audio_llm.planning.arch import resolve_config
 
     enc_cfg, llm_cfg = resolve_config(encoder), resolve_config(llm)
@@ -184,46 +183,3 @@ def meta_model(encoder: str, llm: str) -> nn.Module:
         qwen = Qwen2VLForConditionalGeneration(llm_cfg)
         projector = AudioProjector(enc_cfg.d_model, llm_cfg.text_config.hidden_size)
     return AudioLLM(AudioEncoder(whisper), projector, qwen, audio_token_id=0)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "lora-targets",
-        help="show which modules a LoRA regex hits, per component",
-        description=(
-            "Build the model on the meta device from configs (no weights loaded), match the LoRA "
-            "spec against every module and print per-component counts and the matched names. "
-            "Exits 2 if the spec hits anything outside the LLM's layers or misses a layer. "
-            "--encoder/--llm take checkpoint folders or the names whisper-large-v3, "
-            "qwen2-vl-2b, qwen2-vl-7b."
-        ),
-    )
-    p.add_argument("--encoder", required=True, help="Whisper checkpoint folder or built-in name")
-    p.add_argument("--llm", required=True, help="Qwen2-VL checkpoint folder or built-in name")
-    spec = p.add_mutually_exclusive_group()
-    spec.add_argument(
-        "--regex", default=DEFAULT_LORA_REGEX, help="full-match regex (default: ours)"
-    )
-    spec.add_argument("--names", help="comma-separated PEFT-style name list, e.g. q_proj,v_proj")
-    p.add_argument("--quiet", action="store_true", help="counts only, no module names")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    targets = args.names.split(",") if args.names else args.regex
-    report = target_report(meta_model(args.encoder, args.llm), targets)
-    print(f"targets: {targets!r}")
-    for component in COMPONENTS:
-        print(f"  {component:<32} {len(report.matched.get(component, [])):>5}")
-    hit = report.layers_hit
-    per_layer = sorted(set(hit.values()))
-    print(f"  LLM layers hit: {len(hit)}/{report.num_llm_layers}, modules per layer: {per_layer}")
-    if not args.quiet:
-        for component in COMPONENTS:
-            for name in report.matched.get(component, []):
-                print(f"{component}: {name}")
-    problems = report.problems()
-    if problems:
-        raise AudioLLMError("; ".join(problems))
-    print("OK: LoRA hits only the LLM's projections")
-    return 0

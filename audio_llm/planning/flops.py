@@ -123,7 +123,7 @@ class ModelShape:
             "context_width": projector.context.inp.out_features
             if projector.context_kind == "conv"
             else 0,
-            "ctc": getattr(model, "ctc_weight", 0) > 0,
+            "ctc": "ctc" in model.loss_heads(),  # the CTC head's loss (train.ctc_weight > 0)
             "audio_token_id": model.audio_token_id,
         }
         shape = cls.from_configs(
@@ -181,7 +181,9 @@ def encoder_forward(shape: ModelShape, frames: int, mel_frames: int | None = Non
 
 def audio_positions(shape: ModelShape, frames: int) -> int:
     """LLM positions the projector makes from `frames` encoder frames."""
-    return -(-frames // shape.stack)
+    from audio_llm.audio.frames import audio_positions as positions  # torch: only when counted
+
+    return positions(frames, shape.stack)
 
 
 def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
@@ -302,11 +304,6 @@ class BatchFlops:
     def encoder_padded_fraction(self) -> float:
         done = self.encoder_frames_executed
         return 1.0 - self.encoder_frames_valid / done if done else 0.0
-
-    @property
-    def positions_padded_fraction(self) -> float:
-        done = self.positions_executed
-        return 1.0 - self.positions_valid / done if done else 0.0
 
 
 def padded_batch_flops(

@@ -49,14 +49,14 @@ formulas batch by batch, with and without gradient checkpointing.
 FLOPs per sample come from `planning.flops` for a sample of the mean length (batch padding not
 included: length-bucketed batches keep it under 5%). Time per epoch = epoch hours of audio /
 mean clip length x FLOPs per sample / (GPUs x peak x MFU).
+
+The command line (flags and printing) is `audio_llm.cli.plan`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from audio_llm.errors import AudioLLMError
 from audio_llm.planning.flops import (
     ENCODER_FRAMES_PER_SECOND,
+    Flops,
     ModelShape,
     audio_positions,
     training_flops,
@@ -332,15 +333,7 @@ def make_plan(spec: PlanSpec) -> dict:
     )
     shape = dataclasses.replace(shape, encoder_mode="varlen" if spec.varlen else "padded")
     w = _WEIGHT_BYTES[spec.dtype]
-
-    frames = max(1, round(spec.audio_seconds * ENCODER_FRAMES_PER_SECOND))
-    audio = audio_positions(shape, frames)
-    positions = audio + spec.text_tokens
-    run_encoder = not spec.precomputed_encoder
-    encoder_run = 0
-    if run_encoder:
-        encoder_run = shape.encoder_max_frames if not spec.varlen else frames
-
+    sample = _sample(spec, shape)
     states = model_state_bytes(
         spec.zero,
         spec.gpus,
@@ -351,39 +344,103 @@ def make_plan(spec: PlanSpec) -> dict:
         w,
         spec.offload,
     )
+    activations_for = _activations_for(spec, shape, sample, w)
+    activations = activations_for(spec.batch, spec.gradient_checkpointing)
+    memory = {**states, "activations": sum(activations.values())}
+    memory["total"] = sum(memory.values())
+    # The lm_head runs on the transcript's positions only; the text positions bound them above.
+    flops = training_flops(
+        shape,
+        sample["encoder_frames"],
+        sample["positions"],
+        1,
+        not spec.precomputed_encoder,
+        scored=spec.text_tokens,
+    )
+    return {
+        "spec": dataclasses.asdict(spec),
+        "params": {
+            **dataclasses.asdict(counts),
+            "trainable": counts.trainable,
+            "frozen": counts.frozen,
+            "total": counts.total,
+        },
+        "sample": sample,
+        "memory_per_gpu": memory,
+        "activations": activations,
+        "fit": _fit(spec, states, memory["total"], activations_for),
+        "model_states_cross_check": _cross_check(spec, counts, states),
+        "flops_per_sample": {**dataclasses.asdict(flops), "total": flops.total},
+        "epoch": _epoch(spec, flops),
+    }
 
-    def activations_for(rows: int, checkpointing: bool) -> dict[str, float]:
+
+def _sample(spec: PlanSpec, shape: ModelShape) -> dict:
+    """A sample of the mean length: its encoder frames (valid, and run), and LLM positions."""
+    frames = max(1, round(spec.audio_seconds * ENCODER_FRAMES_PER_SECOND))
+    audio = audio_positions(shape, frames)
+    encoder_run = 0
+    if not spec.precomputed_encoder:
+        encoder_run = shape.encoder_max_frames if not spec.varlen else frames
+    return {
+        "audio_seconds": spec.audio_seconds,
+        "encoder_frames": frames,
+        "encoder_frames_run": encoder_run,
+        "audio_positions": audio,
+        "text_tokens": spec.text_tokens,
+        "positions": audio + spec.text_tokens,
+    }
+
+
+def _activations_for(
+    spec: PlanSpec, shape: ModelShape, sample: dict, weight_bytes: int
+) -> Callable[[int, bool], dict[str, float]]:
+    """Activation bytes of a micro batch of `rows` samples like `sample`, with or without
+    gradient checkpointing."""
+
+    def activations(rows: int, checkpointing: bool) -> dict[str, float]:
         return activation_bytes(
             shape,
             rows,
-            positions,
-            encoder_run,
-            w,
+            sample["positions"],
+            sample["encoder_frames_run"],
+            weight_bytes,
             spec.lora_rank,
             spec.lora_dropout,
             checkpointing,
         )
 
-    activations = activations_for(spec.batch, spec.gradient_checkpointing)
-    memory = {**states, "activations": sum(activations.values())}
-    memory["total"] = sum(memory.values())
+    return activations
 
+
+def _fit(
+    spec: PlanSpec,
+    states: dict[str, float],
+    total: float,
+    activations_for: Callable[[int, bool], dict[str, float]],
+) -> dict:
+    """The plan's `total` bytes against `--gpu-memory` less the headroom, and the largest micro
+    batches that fit there, without and with gradient checkpointing."""
     usable = spec.gpu_memory * GIB * (1 - MEMORY_HEADROOM)
     state_total = sum(states.values())
 
     def fits(rows: int, checkpointing: bool) -> bool:
         return state_total + sum(activations_for(rows, checkpointing).values()) <= usable
 
-    fit = {
+    return {
         "gpu_memory": spec.gpu_memory * GIB,
         "headroom": MEMORY_HEADROOM,
         "usable": usable,
-        "fits": memory["total"] <= usable,
-        "spare": usable - memory["total"],
+        "fits": total <= usable,
+        "spare": usable - total,
         "largest_batch": largest_fitting(lambda rows: fits(rows, False)),
         "largest_batch_checkpointing": largest_fitting(lambda rows: fits(rows, True)),
     }
 
+
+def _cross_check(spec: PlanSpec, counts: ParamCounts, states: dict[str, float]) -> dict:
+    """Our model states with every parameter trainable in 16 bits (DeepSpeed's assumption)
+    against DeepSpeed's estimator, and the recipe's own (LoRA-aware) figure."""
     as_deepspeed = model_state_bytes(
         spec.zero,
         spec.gpus,
@@ -396,7 +453,7 @@ def make_plan(spec: PlanSpec) -> dict:
     )
     ours_all = sum(as_deepspeed.values())
     ds = deepspeed_estimate(spec, counts)
-    cross_check = {
+    return {
         "ours_all_trainable": ours_all,
         "deepspeed": ds["gpu"] if ds else None,
         "deepspeed_cpu": ds["cpu"] if ds else None,
@@ -404,43 +461,22 @@ def make_plan(spec: PlanSpec) -> dict:
         "ours_lora_aware": sum(states.values()),
     }
 
-    # The lm_head runs on the transcript's positions only; the text positions bound them above.
-    flops = training_flops(shape, frames, positions, 1, run_encoder, scored=spec.text_tokens)
+
+def _epoch(spec: PlanSpec, flops: Flops) -> dict:
+    """Samples, FLOPs and seconds of one epoch at `spec.mfu` of the GPUs' peak."""
     samples = spec.epoch_hours * 3600 / spec.audio_seconds
     epoch_flops = samples * flops.total
     rate = spec.gpus * spec.peak_tflops * 1e12 * spec.mfu
     return {
-        "spec": dataclasses.asdict(spec),
-        "params": {
-            **dataclasses.asdict(counts),
-            "trainable": counts.trainable,
-            "frozen": counts.frozen,
-            "total": counts.total,
-        },
-        "sample": {
-            "audio_seconds": spec.audio_seconds,
-            "encoder_frames": frames,
-            "encoder_frames_run": encoder_run,
-            "audio_positions": audio,
-            "text_tokens": spec.text_tokens,
-            "positions": positions,
-        },
-        "memory_per_gpu": memory,
-        "activations": activations,
-        "fit": fit,
-        "model_states_cross_check": cross_check,
-        "flops_per_sample": {**dataclasses.asdict(flops), "total": flops.total},
-        "epoch": {
-            "hours_of_audio": spec.epoch_hours,
-            "samples": samples,
-            "flops": epoch_flops,
-            "seconds": epoch_flops / rate,
-            "samples_per_s_per_gpu": rate / flops.total / spec.gpus,
-        },
+        "hours_of_audio": spec.epoch_hours,
+        "samples": samples,
+        "flops": epoch_flops,
+        "seconds": epoch_flops / rate,
+        "samples_per_s_per_gpu": rate / flops.total / spec.gpus,
     }
 
 
-# -- command line ----------------------------------------------------------------------------
+# -- text report -----------------------------------------------------------------------------
 def _n(count: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= size:
@@ -453,6 +489,7 @@ def _gib(value: float | None) -> str:
 
 
 def format_plan(plan: dict) -> str:
+    """`make_plan`'s dict as the text report `audio-llm plan` prints."""
     from audio_llm.train.metrics import format_duration
 
     spec, p, s, mem = plan["spec"], plan["params"], plan["sample"], plan["memory_per_gpu"]
@@ -541,86 +578,3 @@ def _fit_lines(plan: dict) -> list[str]:
         "above leave out)",
         f"  largest micro batch that fits: {advice}",
     ]
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    d = PlanSpec()
-    p = subparsers.add_parser(
-        "plan",
-        help="memory per GPU, FLOPs and epoch time for a training setup (no download)",
-        description=(
-            "Build the encoder and LLM on the meta device from their configs (built-in names "
-            "whisper-large-v3, qwen2-vl-2b, qwen2-vl-7b, or checkpoint folders), count trainable "
-            "and frozen parameters, and estimate per-GPU memory (weights, gradients, optimizer, "
-            "activations), training FLOPs per sample and time per epoch at a given MFU. Model "
-            "states are cross-checked against DeepSpeed's own estimator."
-        ),
-    )
-    p.add_argument("--encoder", default=d.encoder, help=f"Whisper (default {d.encoder})")
-    p.add_argument("--llm", default=d.llm, help=f"Qwen2-VL (default {d.llm})")
-    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
-    p.add_argument("--nodes", type=int, default=d.nodes, help="default 1")
-    p.add_argument("--zero", type=int, default=d.zero, help="ZeRO stage 1, 2 or 3 (default 2)")
-    p.add_argument(
-        "--offload", action="store_true", help="optimizer (ZeRO-3: and parameters) on CPU"
-    )
-    p.add_argument(
-        "--lora-rank", type=int, default=d.lora_rank, help="LoRA rank; 0 = stage 1 (default 16)"
-    )
-    p.add_argument("--stack", type=int, default=d.stack, help="projector stack factor k")
-    p.add_argument("--projector", default=d.projector, help="linear (default) or mlp")
-    p.add_argument("--projector-hidden", type=int, default=0, help="mlp width (0: LLM width)")
-    enc = p.add_mutually_exclusive_group()
-    enc.add_argument("--varlen", dest="varlen", action="store_true", help="valid frames only")
-    enc.add_argument(
-        "--padded", dest="varlen", action="store_false", help="30 s window (default, the seed)"
-    )
-    p.add_argument(
-        "--precomputed-encoder",
-        action="store_true",
-        help="encoder-mode shards: the step does not run Whisper",
-    )
-    p.add_argument("--batch", type=int, default=d.batch, help="micro batch per GPU (default 8)")
-    p.add_argument(
-        "--audio-seconds", type=float, default=d.audio_seconds, help="mean clip (default 12.7)"
-    )
-    p.add_argument(
-        "--text-tokens",
-        type=int,
-        default=d.text_tokens,
-        help="non-audio positions per sample: template, prompt, transcript (default 70)",
-    )
-    p.add_argument("--dtype", default=d.dtype, help="bfloat16 (default), float16 or float32")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM layers")
-    p.add_argument("--mfu", type=float, default=d.mfu, help="assumed MFU (default 0.4)")
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=d.peak_tflops,
-        help="peak dense TFLOP/s per GPU (default 989, H100 bf16)",
-    )
-    p.add_argument(
-        "--epoch-hours",
-        type=float,
-        default=d.epoch_hours,
-        help="hours of audio per epoch (default 960, LibriSpeech)",
-    )
-    p.add_argument(
-        "--gpu-memory",
-        type=float,
-        default=d.gpu_memory,
-        help=(
-            f"GiB of memory per GPU (default {d.gpu_memory:g}): says whether the plan fits, "
-            f"keeping {MEMORY_HEADROOM * 100:.0f}%% free, and the largest micro batch that does"
-        ),
-    )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    names = {f.name for f in dataclasses.fields(PlanSpec)}
-    spec = PlanSpec(**{k: v for k, v in vars(args).items() if k in names})
-    plan = make_plan(spec)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0

@@ -1,7 +1,10 @@
 """The training run: config -> model, data, DeepSpeed engine -> steps -> checkpoints and exports.
 
-`launch/stage1.py` and `launch/stage2.py` only parse arguments and call `train()`. The step
-(`train_step`) reads top to bottom: batches -> forward -> backward -> optimizer step -> metrics.
+`launch/stage1.py` and `launch/stage2.py` only parse arguments and call `train()`, which builds
+the run (`train`) and hands it to a `Trainer`, whose `run()` is the step loop: a step
+(`train_step`: batches -> forward -> backward -> optimizer step), then a log line, a checkpoint
+and an eval when their turn comes. What a checkpoint holds besides DeepSpeed's own state (step
+counters, data position, RNG) is one `RunState`.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import torch
 
 from audio_llm import dist
 from audio_llm.config import Config
-from audio_llm.data import ShardSet, build_loader
+from audio_llm.data import ShardSet, build_loader, layout_of
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluation.evaluate import evaluate
 from audio_llm.evaluation.export import export_weights
-from audio_llm.model.audio_llm import build_audio_llm, count_targets
+from audio_llm.model.audio_llm import count_targets
+from audio_llm.model.build import build_audio_llm
 from audio_llm.planning.flops import ModelShape, flops_rates, with_flops
 from audio_llm.train.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
 from audio_llm.train.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
@@ -38,20 +42,8 @@ from audio_llm.train.metrics import MetricsLogger, StepTimer, format_progress, s
 from audio_llm.train.schedule import make_scheduler
 
 log = logging.getLogger("audio_llm.train.trainer")
-TENSOR_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "input_features",
-    "feature_lengths",
-    "audio_embeds",
-    "audio_lengths",
-    "waveforms",
-    "waveform_lengths",
-)
-
-
-LOSS_PARTS = ("lm_loss", "ctc_loss")
+# The entries of a `read_steps` row that are not loss parts (`lm_loss`, `<head>_loss`, ...).
+ROW_TOTALS = ("loss", "grad_norm")
 
 
 @dataclasses.dataclass
@@ -59,10 +51,10 @@ class StepResult:
     """One optimizer step. Its losses stay on the device; `read_steps` makes numbers of a run of
     steps at once, at log steps, so the loop never waits for the device between them."""
 
-    loss_sums: torch.Tensor  # [2] this rank's LM loss summed over target tokens, CTC over clips
+    loss_sums: torch.Tensor  # [1 + heads] this rank's LM loss over target tokens, heads' over clips
     targets: float  # target tokens of the step, all ranks together
     utterances: float  # utterances of the step, all ranks together
-    ctc_weight: float
+    aux_weights: dict[str, float]  # the model's loss heads (e.g. "ctc"): their weights
     grad_norm: Any  # as DeepSpeed keeps it: a device tensor, a float, or None (not computed)
     finite: bool  # False: DeepSpeed skipped the step (non-finite loss or gradient on some rank)
     counts: dict[str, float]
@@ -174,10 +166,10 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
     """One optimizer step over `accum` micro-batches.
 
     Every target token of the step weighs the same, whichever micro-batch and rank it is in: the
-    step minimises sum(token LM losses) / (target tokens of all ranks) + ctc_weight *
-    sum(clip CTC losses) / (clips of all ranks). The counts come from the host batches (the
-    model's own rule, `count_targets`) in one small CPU all-reduce before the first forward;
-    nothing else waits for the device.
+    step minimises sum(token LM losses) / (target tokens of all ranks) plus, per loss head of the
+    model (the CTC head: `train.ctc_weight`), weight * sum(clip losses) / (clips of all ranks).
+    The counts come from the host batches (the model's own rule, `count_targets`) in one small
+    CPU all-reduce before the first forward; nothing else waits for the device.
 
     A non-finite loss on any rank skips the step on every rank: its micro-batch's gradient is
     made NaN, the gradient all-reduce carries it to every rank, and DeepSpeed's non-finite check
@@ -199,19 +191,19 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
     # applied as 1/f before and f/world after, so 1/world in all). Scaling each sum by
     # accum * world / count leaves sum(losses) / count in the gradient.
     spread = engine.gradient_accumulation_steps() * engine.dp_world_size
-    ctc_weight = float(getattr(module, "ctc_weight", 0.0))
+    weights = {name: float(head.weight) for name, head in module.loss_heads().items()}
     lm_scale = spread / max(targets, 1.0)
-    ctc_scale = spread * ctc_weight / max(utterances, 1.0)
+    aux_scales = {name: spread * w / max(utterances, 1.0) for name, w in weights.items()}
     device = engine.device
-    sums = torch.zeros(2, device=device)
+    sums = torch.zeros(1 + len(weights), device=device)
     skipped_before = engine.skipped_steps
     for batch in micro:
-        out = engine(**{k: batch[k].to(device) for k in TENSOR_KEYS if k in batch})
+        out = engine(**module.batch_inputs(batch, device))
         objective = out.lm_loss_sum * lm_scale
-        step_sums = [out.lm_loss_sum.detach().float(), sums.new_zeros(())]
-        if ctc_weight > 0:
-            objective = objective + out.ctc_loss_sum * ctc_scale
-            step_sums[1] = out.ctc_loss_sum.detach().float()
+        step_sums = [out.lm_loss_sum.detach().float()]
+        for name, scale in aux_scales.items():
+            objective = objective + out.aux_loss_sums[name] * scale
+            step_sums.append(out.aux_loss_sums[name].detach().float())
         # NaN, not 1, times a non-finite loss: every gradient of this micro-batch becomes NaN,
         # whatever the loss's own backward gives, so DeepSpeed's check cannot miss it.
         finite = torch.isfinite(objective.detach())
@@ -223,7 +215,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
         loss_sums=sums,
         targets=targets,
         utterances=utterances,
-        ctc_weight=ctc_weight,
+        aux_weights=weights,
         grad_norm=engine.get_global_grad_norm(),  # a cached value: no collective, no sync
         finite=engine.skipped_steps == skipped_before,
         counts=dict(counts),
@@ -231,9 +223,9 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
 
 
 def read_steps(results: list[StepResult]) -> list[dict[str, float]]:
-    """Per step: `loss` (the objective, global means), `grad_norm` and, with a CTC term,
-    `lm_loss` (per target token) and `ctc_loss` (per clip). Collective, for log steps: one
-    all-reduce and one device read for the whole run of steps."""
+    """Per step: `loss` (the objective, global means), `grad_norm` and, with loss heads,
+    `lm_loss` (per target token) and `<head>_loss` (per clip, e.g. `ctc_loss`). Collective, for
+    log steps: one all-reduce and one device read for the whole run of steps."""
     if not results:
         return []
     sums = torch.stack([r.loss_sums for r in results])
@@ -246,14 +238,57 @@ def read_steps(results: list[StepResult]) -> list[dict[str, float]]:
         for i, value in zip(on_device, values, strict=True):
             norms[i] = value
     out = []
-    for result, (lm_sum, ctc_sum), norm in zip(results, sums.tolist(), norms, strict=True):
+    for result, (lm_sum, *aux_sums), norm in zip(results, sums.tolist(), norms, strict=True):
         lm = lm_sum / max(result.targets, 1.0)
         row = {"loss": lm, "grad_norm": float("nan") if norm is None else float(norm)}
-        if result.ctc_weight > 0:
-            ctc = ctc_sum / max(result.utterances, 1.0)
-            row.update(loss=lm + result.ctc_weight * ctc, lm_loss=lm, ctc_loss=ctc)
+        if result.aux_weights:
+            loss, parts = lm, {"lm_loss": lm}
+            for (name, weight), total in zip(result.aux_weights.items(), aux_sums, strict=True):
+                parts[f"{name}_loss"] = total / max(result.utterances, 1.0)
+                loss = loss + weight * parts[f"{name}_loss"]
+            row.update(loss=loss, **parts)
         out.append(row)
     return out
+
+
+class RunState:
+    """What a checkpoint holds besides DeepSpeed's engine state, saved and restored as one.
+
+    The counters (`step`, `bad_in_row`: non-finite steps in a row) and the config are the same
+    on every rank: they go in the checkpoint's client state. The data position and the RNG
+    streams are this rank's own: a file per rank. The keys are those every earlier run saved,
+    so old run folders resume.
+    """
+
+    def __init__(self, cfg: Config, loader) -> None:
+        self.cfg, self.loader = cfg, loader
+        self.step, self.bad_in_row = 0, 0
+
+    def count(self, step: int, finite: bool) -> None:
+        """Step `step` is done; a skipped (non-finite) one lengthens the run of bad steps."""
+        self.step = step
+        self.bad_in_row = 0 if finite else self.bad_in_row + 1
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "bad_in_row": self.bad_in_row, "config": self.cfg.to_dict()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "rng": _rng_state()}
+
+    def save(self, checkpoints: CheckpointManager, engine) -> None:
+        """A checkpoint of the engine and this state after step `self.step`. Collective."""
+        checkpoints.save(engine, self.step, self.client_state(), self.rank_state())
+
+    def resume(self, engine, path: Path) -> None:
+        """Restore the engine, the counters, this rank's data position and its RNG from the
+        checkpoint folder `path`. Collective."""
+        client = load(engine, path)
+        self.step, self.bad_in_row = int(client["step"]), int(client.get("bad_in_row", 0))
+        own = load_rank_state(path)
+        if own is None:
+            raise AudioLLMError(f"{path}: no data position for rank {dist.rank()}")
+        self.loader.load_state_dict(own["loader"])
+        _set_rng_state(own["rng"])
 
 
 def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
@@ -275,7 +310,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     )
     loader = build_loader(
         cfg.data,
-        model,
+        layout_of(model),
         spec=cfg.data.train_shards,
         index=cfg.data.train_index,
         rank=rank,
@@ -297,20 +332,14 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     )
     check_engine(engine)
     checkpoints = CheckpointManager(run_dir, cfg.train.keep_last)
-    start, bad_in_row = 0, 0
+    state = RunState(cfg, loader)
     resume_from = resolve_resume(resume, run_dir)
     if resume_from is not None:
-        client = load(engine, resume_from)
-        start, bad_in_row = int(client["step"]), int(client.get("bad_in_row", 0))
-        own = load_rank_state(resume_from)
-        if own is None:
-            raise AudioLLMError(f"{resume_from}: no data position for rank {rank}")
-        loader.load_state_dict(own["loader"])
-        _set_rng_state(own["rng"])
-        log.info("rank %d resumed from %s at step %d", rank, resume_from, start)
+        state.resume(engine, resume_from)
+        log.info("rank %d resumed from %s at step %d", rank, resume_from, state.step)
 
-    # Steps after `start` are logged again: an earlier attempt's rows there are dropped.
-    logger = MetricsLogger(run_dir, purge_step=start + 1 if resume_from is not None else 0)
+    # Steps after the checkpoint are logged again: an earlier attempt's rows there are dropped.
+    logger = MetricsLogger(run_dir, purge_step=state.step + 1 if resume_from is not None else 0)
     if dist.is_main():
         log.info(
             "stage %d: %d trainable parameters, %d ranks, %d batches per rank per epoch",
@@ -320,23 +349,142 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             loader.batches_per_epoch,
         )
         (run_dir / "config.yaml").write_text(_yaml(cfg))
-    timer, began, losses = StepTimer(), time.time(), {}
-    pending: list[StepResult] = []  # steps whose losses are still on the device
-    batches = with_flops(iter(loader), flops_shape)  # analytic FLOPs of each padded batch
-    interval_flops = 0.0
-    audio_frames: Counter = Counter()  # valid and padded audio frames since the last log
+    trainer = Trainer(cfg, engine, loader, state, checkpoints, logger, flops_shape, trainable)
+    return trainer.run()
 
-    def save(step: int) -> None:
-        client = {"step": step, "bad_in_row": bad_in_row, "config": cfg.to_dict()}
-        own = {"loader": loader.state_dict(), "rng": _rng_state()}
-        checkpoints.save(engine, step, client, own)
-        export(engine, run_dir / "export", {"step": step, "stage": cfg.train.stage})
 
-    def run_eval(step: int) -> None:
+class Interval:
+    """What the steps since the last log line add up: losses still on the device, FLOPs and
+    audio frames."""
+
+    FRAME_KEYS = ("audio_frames", "audio_frames_padded", "masked_frames")
+
+    def __init__(self) -> None:
+        self.pending: list[StepResult] = []
+        self.flops = 0.0
+        self.frames: Counter = Counter()  # valid and padded audio frames
+
+    def add(self, result: StepResult) -> None:
+        self.pending.append(result)
+        self.flops += result.counts.get("flops", 0.0)
+        self.frames.update({k: result.counts.get(k, 0) for k in self.FRAME_KEYS})
+
+
+class Trainer:
+    """The step loop of one built run: steps, log lines, checkpoints + exports, periodic evals.
+
+    `train()` builds the model, data, engine and `RunState` (resumed or fresh) and calls `run()`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        loader,
+        state: RunState,
+        checkpoints: CheckpointManager,
+        logger: MetricsLogger,
+        flops_shape: ModelShape,
+        trainable: int,
+    ) -> None:
+        self.cfg, self.engine, self.loader, self.state = cfg, engine, loader, state
+        self.checkpoints, self.logger, self.trainable = checkpoints, logger, trainable
+        self.run_dir = Path(cfg.train.out_dir)
+        self.start = state.step
+        self.timer, self.began = StepTimer(), time.time()
+        self.losses: dict[int, float] = {}
+        self.eval_history: dict[int, float | None] = {}
+        self.interval = Interval()
+        self.batches = with_flops(iter(loader), flops_shape)  # analytic FLOPs of each batch
+        self.step_s = 0.0  # this rank's time for the last step
+
+    def run(self) -> dict[str, Any]:
+        """Steps `start + 1 .. train.max_steps`; returns the summary (`summary.json`)."""
+        cfg, last = self.cfg, self.cfg.train.max_steps
+        if cfg.eval.every and cfg.eval.at_start and self.start == 0:
+            self.evaluate(0)
+        for step in range(self.start + 1, last + 1):
+            self.step(step)
+            if step % cfg.train.log_every == 0 or step == last:
+                self.log(step)
+            if step % cfg.train.save_every == 0 or step == last:
+                self.save()
+                self.timer.restart()
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
+                self.evaluate(step)
+            fault_point("after_step", step)
+        return self.finish()
+
+    def step(self, step: int) -> None:
+        """Optimizer step `step` and its counters; too many non-finite steps in a row stop."""
+        result = train_step(self.engine, self.batches, self.cfg.train.grad_accum, self.timer)
+        self.step_s = self.timer.step_done(
+            samples=int(result.counts.get("samples", 0)),
+            audio_seconds=result.counts.get("audio_seconds", 0.0),
+            tokens=int(result.counts.get("tokens", 0)),
+            positions=int(result.counts.get("positions", 0)),
+        )
+        self.state.count(step, result.finite)
+        bad = self.state.bad_in_row
+        if bad >= self.cfg.train.max_bad_steps:
+            raise AudioLLMError(
+                f"{bad} non-finite steps in a row (last at step {step}): lower train.lr, "
+                "check the data (loader problem counts are in the log), or use bf16/fp32"
+            )
+        self.interval.add(result)
+
+    def log(self, step: int) -> None:
+        """Metrics of the steps since the last log line, and the progress line. Collective."""
+        interval, self.interval = self.interval, Interval()
+        read = read_steps(interval.pending)  # every step since the last log: one collective
+        first = step - len(read) + 1
+        self.losses.update({first + i: row["loss"] for i, row in enumerate(read)})
+        last = read[-1]
+        parts = {k: v for k, v in last.items() if k not in ROW_TOTALS}
+        skew = step_time_skew(self.step_s)  # a collective: same steps on every rank
+        # Every rank's data problems (a corrupt shard dealt to rank 7 counts too); collective.
+        problems = dist.sum_counts(self.loader.problems)
+        # This rank's FLOPs over the wall time of the same steps (read before rates() resets).
+        timer = self.timer
+        achieved = flops_rates(interval.flops, timer.counts.step_s, self.cfg.train.peak_tflops)
+        frames = interval.frames
+        padded = frames["audio_frames_padded"] - frames["audio_frames"]
+        metrics = {
+            "train/loss": last["loss"],
+            **{f"train/{k}": v for k, v in parts.items()},
+            "train/lr": self.engine.get_lr()[0],
+            "train/grad_norm": last["grad_norm"],
+            "train/bad_steps_in_row": self.state.bad_in_row,
+            "train/epoch": self.loader.epoch,
+            **{f"perf/{k}": v for k, v in timer.rates().items()},
+            **{f"perf/{k}": v for k, v in achieved.items()},
+            "perf/audio_padding_ratio": padded / max(frames["audio_frames_padded"], 1),
+            # SpecAugment time masks: the share of valid frames the model did not see
+            "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
+            **{f"perf/{k}": v for k, v in skew.items()},
+            **{f"data/{k}": v for k, v in problems.items()},
+            **_memory(),
+        }
+        self.logger.scalars(step, metrics)
+        if dist.is_main():
+            shown = {"loss": last["loss"], **parts}
+            shown |= {"lr": metrics["train/lr"], "gnorm": last["grad_norm"]}
+            elapsed = time.time() - self.began
+            log.info(format_progress(step, self.cfg.train.max_steps, elapsed, shown, self.start))
+
+    def save(self) -> None:
+        """Checkpoint the step just done, then export the trained weights. Collective."""
+        self.state.save(self.checkpoints, self.engine)
+        extra = {"step": self.state.step, "stage": self.cfg.train.stage}
+        export(self.engine, self.run_dir / "export", extra)
+
+    def evaluate(self, step: int) -> None:
+        """WER on `data.eval_shards` (if set), logged at `step`. Collective."""
+        cfg = self.cfg
         if not cfg.data.eval_shards:
             return
         result = evaluate(
-            engine.module,
+            self.engine.module,
             cfg.data.eval_shards,
             cfg.data.eval_index,
             batch_size=cfg.eval.batch_size,
@@ -346,12 +494,12 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             normalizer=cfg.eval.normalizer,
             long_audio=cfg.data.long_audio,
             limit=cfg.eval.limit or None,
-            synced=engine.zero_optimization_stage() == 3,
+            synced=self.engine.zero_optimization_stage() == 3,
             bootstrap=0,
         )
         if dist.is_main():
             report = result.report
-            logger.scalars(
+            self.logger.scalars(
                 step,
                 {
                     "eval/wer": _or_nan(report.wer),
@@ -362,111 +510,43 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
                 },
             )
             examples = "\n\n".join(f"REF: {r['ref']}  \nHYP: {r['hyp']}" for r in result.rows[:4])
-            logger.text(step, "eval/examples", examples)
+            self.logger.text(step, "eval/examples", examples)
             # "WER 3.20% over 22 of 24 indexed utterances (...)": what it is over, and why not all
             log.info("step %d: eval %s", step, result.headline())
-            eval_history[step] = report.wer
-        timer.restart()
+            self.eval_history[step] = report.wer
+        self.timer.restart()
 
-    eval_history: dict[int, float | None] = {}
-    if cfg.eval.every and cfg.eval.at_start and start == 0:
-        run_eval(0)
-    for step in range(start + 1, cfg.train.max_steps + 1):
-        result = train_step(engine, batches, cfg.train.grad_accum, timer)
-        step_s = timer.step_done(
-            samples=int(result.counts.get("samples", 0)),
-            audio_seconds=result.counts.get("audio_seconds", 0.0),
-            tokens=int(result.counts.get("tokens", 0)),
-            positions=int(result.counts.get("positions", 0)),
-        )
-        bad_in_row = 0 if result.finite else bad_in_row + 1
-        if bad_in_row >= cfg.train.max_bad_steps:
-            raise AudioLLMError(
-                f"{bad_in_row} non-finite steps in a row (last at step {step}): lower train.lr, "
-                "check the data (loader problem counts are in the log), or use bf16/fp32"
-            )
-        pending.append(result)
-        interval_flops += result.counts.get("flops", 0.0)
-        audio_frames.update(
-            {
-                k: result.counts.get(k, 0)
-                for k in ("audio_frames", "audio_frames_padded", "masked_frames")
-            }
-        )
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            read = read_steps(pending)  # every step since the last log: one collective
-            first = step - len(pending) + 1
-            losses.update({first + i: row["loss"] for i, row in enumerate(read)})
-            pending, last = [], read[-1]
-            parts = {k: last[k] for k in LOSS_PARTS if k in last}
-            skew = step_time_skew(step_s)  # a collective: same steps on every rank
-            # Every rank's data problems (a corrupt shard dealt to rank 7 counts too); collective.
-            problems = dist.sum_counts(loader.problems)
-            # This rank's FLOPs over the wall time of the same steps (read before rates() resets).
-            achieved = flops_rates(interval_flops, timer.counts.step_s, cfg.train.peak_tflops)
-            interval_flops = 0.0
-            frames, audio_frames = audio_frames, Counter()
-            padded = frames["audio_frames_padded"] - frames["audio_frames"]
-            metrics = {
-                "train/loss": last["loss"],
-                **{f"train/{k}": v for k, v in parts.items()},
-                "train/lr": engine.get_lr()[0],
-                "train/grad_norm": last["grad_norm"],
-                "train/bad_steps_in_row": bad_in_row,
-                "train/epoch": loader.epoch,
-                **{f"perf/{k}": v for k, v in timer.rates().items()},
-                **{f"perf/{k}": v for k, v in achieved.items()},
-                "perf/audio_padding_ratio": padded / max(frames["audio_frames_padded"], 1),
-                # SpecAugment time masks: the share of valid frames the model did not see
-                "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
-                **{f"perf/{k}": v for k, v in skew.items()},
-                **{f"data/{k}": v for k, v in problems.items()},
-                **_memory(),
-            }
-            logger.scalars(step, metrics)
-            if dist.is_main():
-                shown = {"loss": last["loss"], **parts}
-                shown |= {"lr": metrics["train/lr"], "gnorm": last["grad_norm"]}
-                log.info(
-                    format_progress(step, cfg.train.max_steps, time.time() - began, shown, start)
-                )
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
-            save(step)
-            timer.restart()
-        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
-            run_eval(step)
-        fault_point("after_step", step)
-    digests = dist.all_gather_object(_trainable_digest(engine))
-    problems = dist.sum_counts(loader.problems)  # all ranks' totals, as in metrics.jsonl
-    if len(set(digests)) != 1:
-        raise AudioLLMError(f"trainable parameters differ across ranks: {digests}")
-    logger.close()
-    summary = {
-        "stage": cfg.train.stage,
-        "start_step": start,
-        "steps": cfg.train.max_steps,
-        "losses": losses,
-        "world_size": world,
-        "trainable_parameters": trainable,
-        "parameter_digests": digests,
-        "data_problems": problems,
-        "eval_wer": eval_history,
-        "wall_seconds": time.time() - began,
-        "run_dir": str(run_dir),
-    }
-    if dist.is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    def finish(self) -> dict[str, Any]:
+        """Check that every rank holds the same weights; write and return the summary."""
+        digests = dist.all_gather_object(_trainable_digest(self.engine))
+        problems = dist.sum_counts(self.loader.problems)  # all ranks' totals, as in metrics.jsonl
+        if len(set(digests)) != 1:
+            raise AudioLLMError(f"trainable parameters differ across ranks: {digests}")
+        self.logger.close()
+        summary = {
+            "stage": self.cfg.train.stage,
+            "start_step": self.start,
+            "steps": self.cfg.train.max_steps,
+            "losses": self.losses,
+            "world_size": dist.world_size(),
+            "trainable_parameters": self.trainable,
+            "parameter_digests": digests,
+            "data_problems": problems,
+            "eval_wer": self.eval_history,
+            "wall_seconds": time.time() - self.began,
+            "run_dir": str(self.run_dir),
+        }
+        if dist.is_main():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
 
 def _trainable_digest(engine) -> str:
     """sha256 of the trainable weights as this rank sees them (gathered under ZeRO-3)."""
-    import deepspeed
-
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     digest = hashlib.sha256()
     zero3 = engine.zero_optimization_stage() == 3
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=zero3):
+    with dist.gathered([p for _, p in params], enabled=zero3):
         for name, p in params:
             digest.update(name.encode())
             digest.update(p.detach().float().cpu().numpy().tobytes())
@@ -475,11 +555,8 @@ def _trainable_digest(engine) -> str:
 
 def export(engine, out_dir: Path, extra: dict) -> None:
     """Projector + adapter, gathered from all ranks under ZeRO-3; written by rank 0."""
-    import deepspeed
-
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    zero3 = engine.zero_optimization_stage() == 3
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+    with dist.gathered(params, enabled=engine.zero_optimization_stage() == 3):
         if dist.is_main():
             export_weights(engine.module, out_dir, extra)
     dist.barrier()

@@ -1,0 +1,95 @@
+"""`audio-llm plan`: the command line of `audio_llm.planning.plan` (memory per GPU, FLOPs per
+sample and time per epoch, before renting the GPUs)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from audio_llm.planning.plan import MEMORY_HEADROOM, PlanSpec, format_plan, make_plan
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `plan` subcommand, its flags defaulting to `PlanSpec`'s fields."""
+    d = PlanSpec()
+    p = subparsers.add_parser(
+        "plan",
+        help="memory per GPU, FLOPs and epoch time for a training setup (no download)",
+        description=(
+            "Build the encoder and LLM on the meta device from their configs (built-in names "
+            "whisper-large-v3, qwen2-vl-2b, qwen2-vl-7b, or checkpoint folders), count trainable "
+            "and frozen parameters, and estimate per-GPU memory (weights, gradients, optimizer, "
+            "activations), training FLOPs per sample and time per epoch at a given MFU. Model "
+            "states are cross-checked against DeepSpeed's own estimator."
+        ),
+    )
+    p.add_argument("--encoder", default=d.encoder, help=f"Whisper (default {d.encoder})")
+    p.add_argument("--llm", default=d.llm, help=f"Qwen2-VL (default {d.llm})")
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
+    p.add_argument("--nodes", type=int, default=d.nodes, help="default 1")
+    p.add_argument("--zero", type=int, default=d.zero, help="ZeRO stage 1, 2 or 3 (default 2)")
+    p.add_argument(
+        "--offload", action="store_true", help="optimizer (ZeRO-3: and parameters) on CPU"
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=d.lora_rank, help="LoRA rank; 0 = stage 1 (default 16)"
+    )
+    p.add_argument("--stack", type=int, default=d.stack, help="projector stack factor k")
+    p.add_argument("--projector", default=d.projector, help="linear (default) or mlp")
+    p.add_argument("--projector-hidden", type=int, default=0, help="mlp width (0: LLM width)")
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--varlen", dest="varlen", action="store_true", help="valid frames only")
+    enc.add_argument(
+        "--padded", dest="varlen", action="store_false", help="30 s window (default, the seed)"
+    )
+    p.add_argument(
+        "--precomputed-encoder",
+        action="store_true",
+        help="encoder-mode shards: the step does not run Whisper",
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="micro batch per GPU (default 8)")
+    p.add_argument(
+        "--audio-seconds", type=float, default=d.audio_seconds, help="mean clip (default 12.7)"
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=d.text_tokens,
+        help="non-audio positions per sample: template, prompt, transcript (default 70)",
+    )
+    p.add_argument("--dtype", default=d.dtype, help="bfloat16 (default), float16 or float32")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM layers")
+    p.add_argument("--mfu", type=float, default=d.mfu, help="assumed MFU (default 0.4)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=d.peak_tflops,
+        help="peak dense TFLOP/s per GPU (default 989, H100 bf16)",
+    )
+    p.add_argument(
+        "--epoch-hours",
+        type=float,
+        default=d.epoch_hours,
+        help="hours of audio per epoch (default 960, LibriSpeech)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=d.gpu_memory,
+        help=(
+            f"GiB of memory per GPU (default {d.gpu_memory:g}): says whether the plan fits, "
+            f"keeping {MEMORY_HEADROOM * 100:.0f}%% free, and the largest micro batch that does"
+        ),
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan the setup the flags describe and print it (as text, or as JSON with `--json`)."""
+    names = {f.name for f in dataclasses.fields(PlanSpec)}
+    spec = PlanSpec(**{k: v for k, v in vars(args).items() if k in names})
+    plan = make_plan(spec)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
