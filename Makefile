@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install system-deps test lint format demo reader sample-shards clean
+.PHONY: install system-deps test test-unit lint format demo reader sample-shards clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ format: install
 
 test: lint system-deps
 	$(BIN)/python -m pytest -q tests
+
+# The unit tests alone (no deepspeed/torchrun/CLI/demo launches: those are tests/integration/).
+test-unit: lint
+	$(BIN)/python -m pytest -q tests -m "not integration"
 
 # espeak-ng speaks the demo corpus, sox handles odd audio; apt where we can, a clear message elsewhere.
 system-deps:

@@ -43,10 +43,8 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    encoder: str = opt(
-        "runs/tiny/whisper", "Whisper checkpoint folder (encoder + feature extractor)."
-    )
-    llm: str = opt("runs/tiny/qwen2vl", "Qwen2-VL checkpoint folder (model + tokenizer).")
+    encoder: str = opt("", "Whisper checkpoint folder (encoder + feature extractor); required.")
+    llm: str = opt("", "Qwen2-VL checkpoint folder (model + tokenizer); required.")
     audio_token: str = opt(DEFAULT_AUDIO_TOKEN, "Tokenizer token that marks each audio position.")
     projector: Literal["linear", "mlp"] = opt(
         "linear", "Projector: one Linear, or Linear-GELU-Linear."

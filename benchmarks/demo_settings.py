@@ -164,7 +164,7 @@ def pack(setting: Setting, manifest: Path, out: Path, count: int, encoder: Path,
 def pack_encoder_tflop(setting: Setting, rows: list[dict], whisper: Path, llm: Path) -> float:
     """Analytic Whisper forward TFLOP of packing `rows` (batches of PACK_BATCH, in order)."""
     from audio_llm.audio.frames import encoder_frames, mel_frames
-    from audio_llm.planning.arch import resolve_config
+    from audio_llm.model.arch import resolve_config
     from audio_llm.planning.flops import ModelShape, encoder_forward
 
     shape = ModelShape.from_configs(resolve_config(str(whisper)), resolve_config(str(llm)))

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from audio_llm.data.bucket import bucket_batches
-from audio_llm.planning.arch import resolve_config
+from audio_llm.model.arch import resolve_config
 from audio_llm.planning.flops import (
     ENCODER_FRAMES_PER_SECOND,
     BatchFlops,

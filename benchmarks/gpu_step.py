@@ -5,7 +5,7 @@
     python benchmarks/gpu_step.py --tiny --steps 2                 # tiny shapes: a CPU smoke run
 
 The model is the package's `AudioLLM` (frozen Whisper encoder -> projector -> Qwen2-VL with LoRA
-from the default `lora.target_regex`), assembled from the configs in `planning.arch` with random
+from the default `lora.target_regex`), assembled from the configs in `model.arch` with random
 weights in bf16 (float32 on a CPU) instead of `build_audio_llm`, which loads checkpoint folders.
 Every step is forward + backward + AdamW (torch's fused one on CUDA) over a synthetic batch of
 `--batch` clips of `--seconds` audio (log-mel given, so the encoder runs) and `--text-tokens`
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from audio_llm.config import LoraConfig
+from audio_llm.model.arch import resolve_config
 from audio_llm.model.audio_llm import AudioLLM
 from audio_llm.model.encoder import AudioEncoder
 from audio_llm.model.lora import apply_lora
 from audio_llm.model.projector import AudioProjector
 from audio_llm.model.prompts import IGNORE_INDEX
-from audio_llm.planning.arch import resolve_config
 from audio_llm.planning.flops import ModelShape, batch_flops_from_tensors
 
 H100_BF16_TFLOPS = 989.0

@@ -6,7 +6,7 @@ Everything is derived from the seed: same seed, same bytes. The random Whisper's
 and positions are scaled down (`WHISPER_PASSTHROUGH`) so that, frozen, it passes the audio on.
 
 `audio-llm tiny --like whisper-large-v3,qwen2-vl-2b --out DIR` writes the same two folders at the
-published shapes (`planning.arch`) with random bf16 weights instead: for smoke-testing a cluster's
+published shapes (`model.arch`) with random bf16 weights instead: for smoke-testing a cluster's
 launch, memory and speed before downloading the real checkpoints. The tokenizer is still the tiny
 one (its ids fit any embedding table); `--layers` and `--shrink` make smaller relatives for tests.
 """
@@ -34,7 +34,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen
 from transformers.models.whisper.modeling_whisper import sinusoids
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.planning.arch import PUBLISHED
+from audio_llm.model.arch import PUBLISHED
 
 # Qwen2-VL's own special tokens, so prompts and the audio placeholder written for the tiny
 # tokenizer are valid for the real one too.
@@ -253,7 +253,7 @@ LIKE_LLMS = ("qwen2-vl-2b", "qwen2-vl-7b")
 
 
 def like_whisper_config(name: str, layers: int = 0, shrink: int = 1) -> WhisperConfig:
-    """The published config of `name` (planning.arch); `layers` > 0 caps the encoder and decoder
+    """The published config of `name` (model.arch); `layers` > 0 caps the encoder and decoder
     depth, `shrink` divides the widths (heads kept, so head_dim shrinks too)."""
     config = copy.deepcopy(PUBLISHED[name]())
     if layers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -56,6 +57,7 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
 
 # -- a self-contained inference folder ---------------------------------------------------------
 BUNDLE_FILE = "audio_llm.json"
+SCANNED_SHARDS = 32  # shards read for the clip-length range: enough to see its longest clips
 BUNDLE_FORMAT = 1
 
 
@@ -117,11 +119,51 @@ def load_for_inference(
     return model.eval()
 
 
+def training_clip_seconds(
+    run: str | Path | None = None, export: str | Path | None = None
+) -> tuple[float, float] | None:
+    """(shortest, longest) training clip in seconds of a run (read from the `.json` members of
+    up to `SCANNED_SHARDS` of its local training shards) or of an export bundle (recorded by
+    `audio-llm export`; older bundles ask their source run). None when it cannot be known."""
+    from audio_llm.config import load_config
+    from audio_llm.data.shards import ShardSet
+
+    if export is not None:
+        bundle_path = Path(export) / BUNDLE_FILE
+        if not bundle_path.is_file():
+            return None
+        bundle = json.loads(bundle_path.read_text())
+        if bundle.get("trained_seconds"):
+            low, high = bundle["trained_seconds"]
+            return float(low), float(high)
+        source = bundle.get("source_run")
+        return training_clip_seconds(run=source) if source and Path(source).is_dir() else None
+    config = Path(run) / "config.yaml"
+    if not config.is_file():
+        return None
+    data = load_config(config).data
+    try:
+        shards = ShardSet.open(data.train_shards, data.train_index).shards
+    except AudioLLMError:
+        return None  # no shards named, or moved since training
+    local = [s.url for s in shards if Path(s.url).is_file()]
+    step = max(1, len(local) / SCANNED_SHARDS)
+    durations = []
+    for path in (local[int(i * step)] for i in range(min(len(local), SCANNED_SHARDS))):
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if member.isreg() and member.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(member).read())
+                        durations.append(float(meta["duration"]))
+        except (tarfile.TarError, OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged shard: the others still tell the range
+    return (min(durations), max(durations)) if durations else None
+
+
 def export_bundle(run_dir: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
     """`audio-llm export`: encoder + feature extractor, projector, adapter (or merged LLM),
     tokenizer and config in one folder, written under a temporary name and renamed."""
-    from audio_llm.evaluation.transcribe import training_clip_seconds
-
     run_dir, out = Path(run_dir), Path(out_dir)
     model = load_for_inference(run=run_dir)
     cfg, weights = _run_model_config(run_dir)

@@ -12,23 +12,18 @@ lost nor doubled at the seam.
 
 from __future__ import annotations
 
-import json
-import tarfile
 from collections.abc import Callable, Sequence
 from difflib import SequenceMatcher
-from pathlib import Path
 
 import numpy as np
 
 from audio_llm.audio.frames import HOP_LENGTH, SAMPLE_RATE
 from audio_llm.audio.segment import WINDOW_SECONDS, plan_pieces, windows
-from audio_llm.errors import AudioLLMError
-from audio_llm.evaluation.export import BUNDLE_FILE
+from audio_llm.evaluation.export import training_clip_seconds
 
 __all__ = ["stitch", "training_clip_seconds", "transcribe_audio", "windows"]
 
 WORDS_PER_SECOND = 5.0  # generous speaking rate: bounds how far into a text the overlap can reach
-SCANNED_SHARDS = 32  # shards read for the clip-length range: enough to see its longest clips
 
 
 def stitch(texts: Sequence[str], overlaps: Sequence[float]) -> str:
@@ -72,48 +67,6 @@ def transcribe_audio(
     for i in range(0, len(clips), batch_size):
         texts += decode(clips[i : i + batch_size])
     return stitch(texts, [p.shared_with_next for p in pieces[:-1]])
-
-
-def training_clip_seconds(
-    run: str | Path | None = None, export: str | Path | None = None
-) -> tuple[float, float] | None:
-    """(shortest, longest) training clip in seconds of a run (read from the `.json` members of
-    up to `SCANNED_SHARDS` of its local training shards) or of an export bundle (recorded by
-    `audio-llm export`; older bundles ask their source run). None when it cannot be known."""
-    from audio_llm.config import load_config
-    from audio_llm.data.shards import ShardSet
-
-    if export is not None:
-        bundle_path = Path(export) / BUNDLE_FILE
-        if not bundle_path.is_file():
-            return None
-        bundle = json.loads(bundle_path.read_text())
-        if bundle.get("trained_seconds"):
-            low, high = bundle["trained_seconds"]
-            return float(low), float(high)
-        source = bundle.get("source_run")
-        return training_clip_seconds(run=source) if source and Path(source).is_dir() else None
-    config = Path(run) / "config.yaml"
-    if not config.is_file():
-        return None
-    data = load_config(config).data
-    try:
-        shards = ShardSet.open(data.train_shards, data.train_index).shards
-    except AudioLLMError:
-        return None  # no shards named, or moved since training
-    local = [s.url for s in shards if Path(s.url).is_file()]
-    step = max(1, len(local) / SCANNED_SHARDS)
-    durations = []
-    for path in (local[int(i * step)] for i in range(min(len(local), SCANNED_SHARDS))):
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for member in tar:
-                    if member.isreg() and member.name.endswith(".json"):
-                        meta = json.loads(tar.extractfile(member).read())
-                        durations.append(float(meta["duration"]))
-        except (tarfile.TarError, OSError, ValueError, KeyError, TypeError):
-            continue  # a damaged shard: the others still tell the range
-    return (min(durations), max(durations)) if durations else None
 
 
 def model_decoder(

@@ -1,8 +1,9 @@
 """The network: the frozen Whisper encoder (`encoder`), the trainable projector (`projector`),
 the prompt and token layout of one example (`prompts`), the composed `AudioLLM` (`audio_llm`),
 regex-chosen LoRA on the LLM only (`lora`), the optional CTC component with joint decoding
-(`ctc`: an auxiliary head and a decoding hook of `AudioLLM`) and `build`, the one module that
-assembles them all from checkpoint folders (`build_audio_llm`).
+(`ctc`: an auxiliary head and a decoding hook of `AudioLLM`), `build`, the one module that
+assembles them all from checkpoint folders (`build_audio_llm`), and the published shapes of the
+real checkpoints (`arch`), which the LoRA guard, `audio-llm plan` and `audio-llm tiny --like` read.
 
 Owns parameters and the forward pass. May import `audio_llm.config`, `errors`, `audio`, `dist`
 (ZeRO-3 gathering); never `data`, `train`, `evaluation` or `demo`.

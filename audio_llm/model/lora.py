@@ -171,7 +171,7 @@ def meta_model(encoder: str, llm: str) -> nn.Module:
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from audio_llm.planning.arch import resolve_config
+    from audio_llm.model.arch import resolve_config
 
     enc_cfg, llm_cfg = resolve_config(encoder), resolve_config(llm)
     if enc_cfg.model_type != "whisper":

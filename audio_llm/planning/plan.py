@@ -27,7 +27,7 @@ value of `estimate_zero{2,3}_model_states_mem_needs` (which assumes every parame
 cross-check, and the LoRA-aware figure, which is what this recipe uses.
 
 Activations (w bytes per element unless stated, per micro-batch of B rows of T positions) are the
-tensors autograd keeps for backward, measured on the tiny model (`tests/test_plan.py`):
+tensors autograd keeps for backward, measured on the tiny model (`tests/planning/test_plan.py`):
 
 - each LLM layer, per position: both RMSNorm inputs in fp32 (8 h bytes: Qwen2's norm upcasts);
   q, k, v and the attention output (2 q_dim + 2 kv_dim); SwiGLU's gate, up and SiLU outputs
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -490,7 +491,6 @@ def _gib(value: float | None) -> str:
 
 def format_plan(plan: dict) -> str:
     """`make_plan`'s dict as the text report `audio-llm plan` prints."""
-    from audio_llm.train.metrics import format_duration
 
     spec, p, s, mem = plan["spec"], plan["params"], plan["sample"], plan["memory_per_gpu"]
     act, check, fl, ep = (
@@ -578,3 +578,17 @@ def _fit_lines(plan: dict) -> list[str]:
         "above leave out)",
         f"  largest micro batch that fits: {advice}",
     ]
+
+
+def format_duration(seconds: float) -> str:
+    """`3725` -> `1h02m05s`, `65` -> `1m05s`, `7.2` -> `7s`."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"

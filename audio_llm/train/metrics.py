@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from audio_llm import dist
+from audio_llm.planning.plan import format_duration
 
 log = logging.getLogger("audio_llm.train.metrics")
 TENSORBOARD_DIR = "tensorboard"
@@ -238,20 +239,6 @@ def step_time_skew(local_seconds: float) -> dict[str, float]:
 
 
 # -- progress line ---------------------------------------------------------------------------
-def format_duration(seconds: float) -> str:
-    """`3725` -> `1h02m05s`, `65` -> `1m05s`, `7.2` -> `7s`."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = round(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
-
-
 def _format_value(key: str, value: Any) -> str:
     value = _number(value)
     if key.endswith("lr") or (value != 0 and abs(value) < 1e-3):

@@ -78,7 +78,9 @@ def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Pat
         ("model.encoder", cfg.model.encoder, ("config.json", "preprocessor_config.json")),
         ("model.llm", cfg.model.llm, ("config.json",)),
     ):
-        if not Path(folder).is_dir():
+        if not folder:
+            problems.append(f"{key} is not set: name a local checkpoint folder (or a hub id)")
+        elif not Path(folder).is_dir():
             if _hub_id(folder):  # from_pretrained finds it in the local Hugging Face cache
                 continue
             problems.append(f"{key} {folder!r}: no such folder (a local checkpoint folder)")

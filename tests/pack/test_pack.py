@@ -625,7 +625,7 @@ def test_help_documents_the_tool(capsys):
 
 
 def test_sample_shards_in_the_repo_verify():
-    sample = Path(__file__).resolve().parents[1] / "shards" / "sample" / "audio"
+    sample = Path(__file__).resolve().parents[2] / "shards" / "sample" / "audio"
     assert verify(sample) == []
     index = json.loads((sample / "index.json").read_text())
     assert index["mode"] == "audio" and index["totals"]["samples"] == 24

@@ -1,27 +1,19 @@
 """Length bucketing: every sample exactly once, budgets kept, less padding, lockstep and resume."""
 
-import json
 import math
 import random
-import subprocess
-import sys
-import textwrap
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from audio_llm.config import DataConfig
 from audio_llm.data import bucket as bucket_module
-from audio_llm.data import build_loader, layout_of, plan_epoch
+from audio_llm.data import plan_epoch
 from audio_llm.data.bucket import bucket_batches, estimate_batches
 from audio_llm.data.shards import ShardInfo
-from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.build import build_audio_llm
-from audio_llm.pack.writer import PackOptions, pack
+from tests.data.corpus import BUCKET_CLIPS, one_epoch
 
 
 def _speech_mix(n: int, seed: int = 0) -> list[float]:
@@ -218,48 +210,13 @@ def test_config_refuses_budgets_that_cannot_work():
     assert DataConfig(bucket_by_length=True, max_batch_seconds=30.0).max_batch_seconds == 30.0
 
 
-# -- the stream, end to end, on tiny packed shards ----------------------------------------------
-N_CLIPS = 48
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """N_CLIPS tone clips of 0.5-12 s (so a 30 s budget binds), 4 per shard, live audio."""
-    root = tmp_path_factory.mktemp("bucket")
-    rng = random.Random(0)
-    words = vocabulary()
-    lines = []
-    for i in range(N_CLIPS):
-        seconds = rng.choice([rng.uniform(0.5, 2.0), rng.uniform(2.0, 12.0)])
-        t = np.arange(int(seconds * 16000)) / 16000
-        audio = 0.3 * np.sin(2 * np.pi * (150 + 10 * i) * t) * np.hanning(len(t))
-        sf.write(root / f"c{i:02d}.wav", audio.astype(np.float32), 16000)
-        text = " ".join(rng.choices(words, k=max(1, round(seconds * rng.uniform(1.0, 2.5)))))
-        lines.append(json.dumps({"audio_filepath": f"c{i:02d}.wav", "text": text, "id": f"u{i}"}))
-    manifest = root / "train.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    pack([manifest], PackOptions(out=root / "audio", mode="audio", max_samples=4, quiet=True))
-    return root / "audio"
-
-
-@pytest.fixture(scope="module")
-def model(model_config):
-    return build_audio_llm(model_config)
-
-
-def _epoch(cfg, model, shards, rank=0, world=1):
-    loader = build_loader(cfg, layout_of(model), spec=str(shards), rank=rank, world_size=world)
-    batches = [b for _, b in zip(range(loader.batches_per_epoch), loader, strict=False)]
-    assert loader.epoch == 0 and sum(loader.consumed) == loader.batches_per_epoch
-    return batches, loader
-
-
+# -- the stream, end to end, on tiny packed shards (tests/data/corpus.py) -----------------------
 def _seconds(batch) -> list[float]:
     return (batch["feature_lengths"].float() / 100).tolist()
 
 
 @pytest.mark.parametrize("budget", [0.0, 30.0])
-def test_two_ranks_two_workers_see_every_sample_once_in_equal_steps(shards, model, budget):
+def test_two_ranks_two_workers_see_every_sample_once_in_equal_steps(bucket_shards, model, budget):
     cfg = DataConfig(
         batch_size=4,
         num_workers=2,
@@ -267,7 +224,7 @@ def test_two_ranks_two_workers_see_every_sample_once_in_equal_steps(shards, mode
         bucket_by_length=True,
         max_batch_seconds=budget,
     )
-    runs = {rank: _epoch(cfg, model, shards, rank, world=2) for rank in (0, 1)}
+    runs = {rank: one_epoch(cfg, model, bucket_shards, rank, world=2) for rank in (0, 1)}
     plan = runs[0][1].stream.plan(0)
     assert len(runs[0][0]) == len(runs[1][0]) == plan.batches_per_rank
     keys = {r: [k for b in batches for k in b["keys"]] for r, (batches, _) in runs.items()}
@@ -281,29 +238,31 @@ def test_two_ranks_two_workers_see_every_sample_once_in_equal_steps(shards, mode
             for batch in batches:
                 assert len(batch["keys"]) * max(_seconds(batch)) <= budget
         # seen once, or counted: quotas are estimates, and one rank's is trimmed to the other's
-        assert len(keys[0]) + len(keys[1]) + problems["left_out_over_quota"] == N_CLIPS
-        assert problems["left_out_over_quota"] <= N_CLIPS // 10
+        assert len(keys[0]) + len(keys[1]) + problems["left_out_over_quota"] == BUCKET_CLIPS
+        assert problems["left_out_over_quota"] <= BUCKET_CLIPS // 10
     else:
         for batches, _ in runs.values():
             assert all(len(b["keys"]) == 4 for b in batches)
-        assert len(keys[0]) + len(keys[1]) + sum(plan.dropped.values()) == N_CLIPS
+        assert len(keys[0]) + len(keys[1]) + sum(plan.dropped.values()) == BUCKET_CLIPS
 
 
-def test_a_quota_too_small_for_the_data_counts_what_it_leaves_out(shards, model, monkeypatch):
+def test_a_quota_too_small_for_the_data_counts_what_it_leaves_out(
+    bucket_shards, model, monkeypatch
+):
     monkeypatch.setattr(bucket_module, "BUDGET_FILL", 3.0)  # estimates far too low
     cfg = DataConfig(batch_size=4, num_workers=0, bucket_by_length=True, max_batch_seconds=30.0)
-    batches, loader = _epoch(cfg, model, shards)
+    batches, loader = one_epoch(cfg, model, bucket_shards)
     keys = [k for b in batches for k in b["keys"]]
     assert len(keys) == len(set(keys))
     assert loader.problems["left_out_over_quota"] > 0
-    assert len(keys) + loader.problems["left_out_over_quota"] == N_CLIPS
+    assert len(keys) + loader.problems["left_out_over_quota"] == BUCKET_CLIPS
 
 
-def test_bucketing_lowers_padding_and_the_stats_show_it(shards, model):
+def test_bucketing_lowers_padding_and_the_stats_show_it(bucket_shards, model):
     fractions = {}
     for bucketed in (False, True):
         cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=48, bucket_by_length=bucketed)
-        batches, _ = _epoch(cfg, model, shards)
+        batches, _ = one_epoch(cfg, model, bucket_shards)
         stats = Counter()
         for batch in batches:
             stats.update(batch["stats"])
@@ -316,48 +275,3 @@ def test_bucketing_lowers_padding_and_the_stats_show_it(shards, model):
         )
     assert fractions[True][0] < fractions[False][0] / 2  # audio frames
     assert fractions[True][1] < fractions[False][1] / 2  # LLM positions
-
-
-RESUME_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from audio_llm.config import DataConfig, ModelConfig
-    from audio_llm.data import build_loader, layout_of
-    from audio_llm.model.build import build_audio_llm
-    args = json.loads(sys.argv[1])
-    model = build_audio_llm(ModelConfig(**args["model"]))
-    loader = build_loader(DataConfig(**args["data"]), layout_of(model), spec=args["shards"])
-    loader.load_state_dict(args["state"])
-    left = loader.batches_per_epoch - sum(args["state"]["consumed"])
-    it = iter(loader)
-    print(json.dumps([next(it)["keys"] for _ in range(left)]))
-    """
-)
-
-
-def test_resume_in_a_new_process_gives_the_same_budget_batches(shards, model, model_config):
-    data = {
-        "batch_size": 4,
-        "num_workers": 2,
-        "shuffle_buffer": 6,
-        "bucket_by_length": True,
-        "max_batch_seconds": 30.0,
-    }
-    cfg = DataConfig(**data)
-    reference, _ = _epoch(cfg, model, shards)
-    partial = build_loader(cfg, layout_of(model), spec=str(shards))
-    it = iter(partial)
-    seen = [next(it)["keys"] for _ in range(5)]
-    state = json.loads(json.dumps(partial.state_dict()))  # as a checkpoint stores it
-    args = {"model": vars(model_config), "data": data, "shards": str(shards), "state": state}
-    proc = subprocess.run(
-        [sys.executable, "-c", RESUME_SCRIPT, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rest = json.loads(proc.stdout.strip().splitlines()[-1])
-    batches = Counter(tuple(sorted(keys)) for keys in seen + rest)
-    assert batches == Counter(tuple(sorted(b["keys"])) for b in reference)  # the same batches

@@ -62,7 +62,7 @@ def test_parameter_counts_are_exact_on_the_meta_model():
 
 
 def shape_config(name: str):
-    from audio_llm.planning.arch import resolve_config
+    from audio_llm.model.arch import resolve_config
 
     return resolve_config(name)
 

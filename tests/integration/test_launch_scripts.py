@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from audio_llm import dist
-from tests.test_dist import REPO, run_launch, worker_env
+from tests.integration.launch import REPO, run_launch, worker_env
 
 SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch"]
 

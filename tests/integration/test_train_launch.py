@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from audio_llm.dist import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 SHARDS = REPO / "shards" / "sample" / "audio"
 TIMEOUT = 300

@@ -2,9 +2,10 @@
 weighs the same across micro-batches and ranks, and a non-finite loss on one rank skips the step on
 all of them.
 
-The same file is the worker the tests launch (`torchrun ... tests/test_train_step.py PLAN OUT`):
-it builds a stage-1 model with the CTC term, an engine with plain SGD at lr 1 (so a step moves the
-weights by exactly minus the gradient), runs the plan's steps and saves what moved.
+The same file is the worker the tests launch
+(`torchrun ... tests/integration/test_train_step.py PLAN OUT`): it builds a stage-1 model with the
+CTC term, an engine with plain SGD at lr 1 (so a step moves the weights by exactly minus the
+gradient), runs the plan's steps and saves what moved.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 # Each plan: world size, grad accum, and per step the batch names of each rank's micro-batches.
 # A has 2 clips with short transcripts, B 3 clips with long ones: per-batch means weigh A's

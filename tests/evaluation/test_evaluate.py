@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from audio_llm.data import Problems, ShardSet, eval_samples
 from audio_llm.evaluation.evaluate import EvalResult
 
-SHARDS = Path(__file__).resolve().parents[1] / "shards" / "sample" / "audio"
+SHARDS = Path(__file__).resolve().parents[2] / "shards" / "sample" / "audio"
 
 
 def test_two_ranks_count_a_cut_shard_once_and_share_its_samples(tmp_path):
