@@ -1,8 +1,9 @@
 """Writing files and folders so that a crash never leaves half of one under its final name.
 
-Every output of the package (shards, indexes, checkpoints' metadata, metrics, eval reports,
-exports, the demo's assets) goes through here: written to a hidden temporary name beside the
-target, flushed and fsynced, then renamed over it. Readers see the old version or the new one.
+Shards and indexes, checkpoint markers, the metrics file trimmed on resume, eval and WER
+reports, exports and the demo's assets go through here: written to a hidden temporary name
+beside the target, flushed and fsynced, then renamed over it, so readers see the old version or
+the new one. (Append-only logs such as metrics.jsonl are appended to, line by line, instead.)
 """
 
 from __future__ import annotations
@@ -25,11 +26,8 @@ def _umask() -> int:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

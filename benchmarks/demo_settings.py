@@ -4,7 +4,7 @@
     python benchmarks/demo_settings.py --steps 1500 --train-utterances 3000
     python benchmarks/demo_settings.py --work /tmp/bds      # keep shards elsewhere
 
-Issue 7, benchmark (c). It runs the `make demo` tools (audio_llm/demo.py) on the demo's tiny models
+Issue 7, benchmark (c). It runs the `make demo` tools (audio_llm/demo/run.py) on its tiny models
 and espeak-ng corpus with launch/configs/demo.yaml (mlp projector, LoRA r=64, batches of 16 per
 rank, lr 3e-3) for every value except the three that make up each setting:
 

@@ -12,7 +12,7 @@ Every step is forward + backward + AdamW (torch's fused one on CUDA) over a synt
 other positions, all rows the same length, so nothing is padding.
 
 Reported: mean step time over the timed steps (after `--warmup`), LLM tokens (positions) per
-second, the analytic training FLOPs of the batch (`planning.flops`, the figure `train.py` logs),
+second, the analytic training FLOPs of the batch (`planning.flops`, the figure the trainer logs),
 achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory.
 The FLOP count takes attention over the full T x T; causal kernels execute about half of it, a few
 percent of the total at these lengths.

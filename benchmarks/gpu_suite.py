@@ -56,6 +56,7 @@ from loader import SynthSpec, speech_like, synthesise
 
 from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.dist import free_port
+from audio_llm.files import atomic_write_text
 
 RESULTS = ROOT / "benchmarks" / "results"
 H100_BF16_TFLOPS = 989.0
@@ -533,9 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     report["table"] = text
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     failed = [r["name"] for r in report["rows"] if r["error"]]
     print(f"wrote {args.out} ({report['timings']['total_s']:.0f} s)")
     if failed:

@@ -5,7 +5,7 @@ deepspeed --num_gpus 8 launch/stage1.py --config run.yaml [section.key=value ...
 
 import sys
 
-from audio_llm.train.trainer import stage_main
+from audio_llm.cli.stage import stage_main
 
 if __name__ == "__main__":
     sys.exit(stage_main(1))

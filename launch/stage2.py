@@ -6,7 +6,7 @@
 
 import sys
 
-from audio_llm.train.trainer import stage_main
+from audio_llm.cli.stage import stage_main
 
 if __name__ == "__main__":
     sys.exit(stage_main(2))

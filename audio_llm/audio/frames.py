@@ -7,12 +7,16 @@ model, packing, transcription and the FLOP counter all ask here, so they cannot 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # plain arithmetic: ints or tensors alike, no torch import needed
+    import torch
 
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # 10 ms mel hop: 100 mel frames per second
 MEL_FRAMES_PER_WINDOW = 3000  # the 30 s window the stock encoder accepts
 ENCODER_DOWNSAMPLE = 2  # conv2 has stride 2: 50 encoder frames per second
+WINDOW_SECONDS = MEL_FRAMES_PER_WINDOW * HOP_LENGTH / SAMPLE_RATE  # 30.0: the most Whisper sees
 
 
 def mel_frames(num_samples: int) -> int:

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio_llm.audio.frames import SAMPLE_RATE
+from audio_llm.audio.frames import SAMPLE_RATE, WINDOW_SECONDS
 from audio_llm.errors import AudioLLMError
 
-WINDOW_SECONDS = 30.0  # Whisper's encoder sees at most this much
 FRAME_SECONDS = 0.02
 MIN_PAUSE_SECONDS = 0.2
 TAIL_SECONDS = 0.25  # pause kept after a piece's speech: training clips end in a short silence

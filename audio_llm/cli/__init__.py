@@ -1,5 +1,6 @@
 """`audio-llm` console script: one module of this package per subcommand, each registering its
-own arguments; the library modules behind them know nothing of argparse."""
+own arguments, and `stage`, the command line of `launch/stage1.py` and `stage2.py`. The library
+modules behind them know nothing of argparse (only the demo driver parses its own flags)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,3 @@ def main(argv: list[str] | None = None) -> int:
     except AudioLLMError as exc:
         print(f"audio-llm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audio_llm.audio.frames import HOP_LENGTH
+from audio_llm.audio.frames import mel_frames
 from audio_llm.data.layout import AudioLayout
 from audio_llm.model.prompts import IGNORE_INDEX, Example
 
@@ -118,7 +118,7 @@ def _frames(sample: AudioSample) -> int:
         return sample.enc.shape[0]
     if sample.mel is not None:
         return sample.mel.shape[1]
-    return len(sample.audio) // HOP_LENGTH
+    return mel_frames(len(sample.audio))
 
 
 def _pad_ids(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:

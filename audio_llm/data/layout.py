@@ -47,9 +47,11 @@ class AudioLayout:
         )
 
 
-def layout_of(model) -> AudioLayout:
+def layout_of(model, identity: bool = True) -> AudioLayout:
     """The layout of an `AudioLLM`: the one place data/ reads a model (duck-typed: its
-    `prompts`, `projector.stack`, `encoder` and `feature_extractor`)."""
+    `prompts`, `projector.stack`, `encoder` and `feature_extractor`). `identity=False` skips the
+    encoder's weight fingerprint (it copies weights to the host), for callers that build batches
+    without checking shards against the encoder (evaluation, transcription)."""
     from audio_llm.model.encoder import encoder_identity  # transformers: only when asked
 
     encoder = model.encoder
@@ -60,5 +62,7 @@ def layout_of(model) -> AudioLayout:
         stack=int(model.projector.stack),
         num_mel_bins=int(encoder.num_mel_bins),
         mel_filters=None if extractor is None else extractor.mel_filters,
-        encoder=encoder_identity(whisper, whisper.config.name_or_path, encoder.varlen),
+        encoder=encoder_identity(whisper, whisper.config.name_or_path, encoder.varlen)
+        if identity
+        else {},
     )

@@ -34,6 +34,7 @@ from audio_llm.audio.frames import (
     HOP_LENGTH,
     MEL_FRAMES_PER_WINDOW,
     SAMPLE_RATE,
+    mel_frames,
 )
 from audio_llm.data.augment import SpecAugment
 from audio_llm.data.bucket import bucket_batches
@@ -208,7 +209,7 @@ def frames_of(meta: dict, mode: str) -> int:
     """Valid frames of a sample from its json: mel frames (audio, mel) or encoder frames."""
     if mode == "audio":
         samples = meta.get("num_samples") or round(float(meta["duration"]) * SAMPLE_RATE)
-        return int(samples) // HOP_LENGTH
+        return mel_frames(int(samples))
     return int(meta["frames"])
 
 

@@ -134,7 +134,7 @@ def evaluate(
     began = time.time()
     rank, world = dist.rank(), dist.world_size()
     shards = ShardSet.open(spec, index)
-    collator = Collator(layout_of(model), shards.mode)
+    collator = Collator(layout_of(model, identity=False), shards.mode)
     problems = Problems()
     samples = list(eval_samples(shards, rank, world, long_audio, problems))
     if limit is not None:

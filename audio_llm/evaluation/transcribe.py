@@ -77,7 +77,7 @@ def model_decoder(
     from audio_llm.data import AudioSample, Collator, layout_of
     from audio_llm.evaluation.evaluate import transcribe_samples
 
-    layout = layout_of(model)
+    layout = layout_of(model, identity=False)
     collator = Collator(layout, "mel")
     filters = layout.mel_filters
 

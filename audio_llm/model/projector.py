@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from audio_llm.audio.frames import audio_positions
 from audio_llm.errors import AudioLLMError
 
 
@@ -89,7 +90,7 @@ class AudioProjector(nn.Module):
             raise AudioLLMError(f"model.projector must be 'linear' or 'mlp' (got {kind!r})")
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return (lengths + self.stack - 1) // self.stack
+        return audio_positions(lengths, self.stack)
 
     def forward(
         self, frames: torch.Tensor, lengths: torch.Tensor

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from audio_llm.audio.frames import HOP_LENGTH, MEL_FRAMES_PER_WINDOW, SAMPLE_RATE, encoder_frames
+from audio_llm.audio.frames import SAMPLE_RATE, WINDOW_SECONDS, encoder_frames
 from audio_llm.audio.io import (
     AudioDecodeError,
     AudioFileMissing,
@@ -32,7 +32,7 @@ from audio_llm.errors import AudioLLMError
 from audio_llm.model.prompts import normalize_transcript
 from audio_llm.pack.manifests import Utterance
 
-MAX_SECONDS = MEL_FRAMES_PER_WINDOW * HOP_LENGTH / SAMPLE_RATE  # Whisper's 30 s window
+MAX_SECONDS = WINDOW_SECONDS  # Whisper's 30 s window
 MIN_SAMPLES = 400  # one 25 ms STFT window: anything shorter has no meaningful feature frame
 SKIP_REASONS = ("missing_file", "undecodable", "empty_text", "too_long", "too_short")
 

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
+from audio_llm.audio.frames import ENCODER_DOWNSAMPLE, HOP_LENGTH, SAMPLE_RATE
+from audio_llm.audio.frames import audio_positions as frames_to_positions
 from audio_llm.errors import AudioLLMError
 
 if TYPE_CHECKING:  # annotations only: the formulas need neither torch nor transformers
@@ -36,7 +38,7 @@ if TYPE_CHECKING:  # annotations only: the formulas need neither torch nor trans
     from transformers import PretrainedConfig, WhisperConfig
 
 ENCODER_MODES = ("padded", "varlen")
-ENCODER_FRAMES_PER_SECOND = 50  # 100 mel frames per second, conv2 stride 2
+ENCODER_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH // ENCODER_DOWNSAMPLE  # 50
 # Modules the default `lora.target_regex` adapts in every LLM layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -172,7 +174,7 @@ def lora_params(llm: PretrainedConfig, rank: int, targets: Sequence[str] = LORA_
 # -- forward FLOPs of one row ------------------------------------------------------------------
 def encoder_forward(shape: ModelShape, frames: int, mel_frames: int | None = None) -> float:
     """Whisper encoder forward over `frames` output frames (`mel_frames` in, default 2x)."""
-    mel = 2 * frames if mel_frames is None else mel_frames
+    mel = ENCODER_DOWNSAMPLE * frames if mel_frames is None else mel_frames
     d = shape.d_encoder
     convs = 2 * mel * shape.n_mels * d * 3 + 2 * frames * d * d * 3  # kernel 3; conv2 stride 2
     per_layer = 2 * frames * (4 * d * d + 2 * d * shape.encoder_ffn) + 4 * frames * frames * d
@@ -181,9 +183,7 @@ def encoder_forward(shape: ModelShape, frames: int, mel_frames: int | None = Non
 
 def audio_positions(shape: ModelShape, frames: int) -> int:
     """LLM positions the projector makes from `frames` encoder frames."""
-    from audio_llm.audio.frames import audio_positions as positions  # torch: only when counted
-
-    return positions(frames, shape.stack)
+    return frames_to_positions(frames, shape.stack)
 
 
 def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
@@ -365,7 +365,7 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
     The encoder counts only for batches that run it (log-mel or waveforms, not precomputed
     encoder outputs); its output, and so the projector's input, is cut to the longest clip.
     """
-    from audio_llm.audio.frames import HOP_LENGTH, encoder_frames
+    from audio_llm.audio.frames import encoder_frames, mel_frames
     from audio_llm.model.audio_llm import target_labels
 
     width_t = batch["input_ids"].shape[1]
@@ -388,7 +388,7 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
             scored=scored,
         )
     if "waveforms" in batch:
-        mel = [int(n) // HOP_LENGTH for n in batch["waveform_lengths"].tolist()]
+        mel = [mel_frames(int(n)) for n in batch["waveform_lengths"].tolist()]
     else:
         mel = [int(n) for n in batch["feature_lengths"].tolist()]
     frames = [int(encoder_frames(n)) for n in mel]

@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ from torch import nn
 
 from audio_llm import dist
 from audio_llm.errors import AudioLLMError
+from audio_llm.files import atomic_write_text
 from audio_llm.train.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -67,20 +67,6 @@ TAG_RE = re.compile(r"step_(\d{8,})")
 def tag_for(step: int) -> str:
     """`step_00000500`: zero-padded so tags sort by step."""
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are plain shared files
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_complete(path: str | Path) -> bool:
@@ -177,8 +163,8 @@ class CheckpointManager:
         dist.barrier()  # every rank's files are written before the marker says so
         if dist.is_main():
             marker = {"step": step, "time": time.time(), "world_size": dist.world_size()}
-            _write_atomic(path / MARKER, json.dumps(marker) + "\n")
-            _write_atomic(self.save_dir / POINTER, tag + "\n")
+            atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
+            atomic_write_text(self.save_dir / POINTER, tag + "\n")
             self._prune(step)
             log.info("checkpoint %s complete", path)
         dist.barrier()  # no rank reads the checkpoint list while rank 0 prunes it

@@ -126,7 +126,7 @@ def drop_rows_from(path: Path, step: int) -> int:
             continue
         kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        from audio_llm.files import atomic_write_bytes  # the project's one atomic write
+        from audio_llm.files import atomic_write_bytes
 
         atomic_write_bytes(path, "".join(kept).encode("utf-8"))
     return dropped

@@ -78,6 +78,7 @@ def test_local_shards_named_by_a_pattern_must_exist(tiny_models, tmp_path):
 
 def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
     import audio_llm.train.trainer as train
+    from audio_llm.cli.stage import stage_main
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the paths were checked")
@@ -86,7 +87,7 @@ def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     argv = ["model.encoder=/models/whisper", "model.llm=/models/qwen2vl"]
     argv += [f"data.train_shards={SHARDS}", "--deepspeed_config", "ds_configs/zero2.json"]
-    assert train.stage_main(1, argv) == 2
+    assert stage_main(1, argv) == 2
     err = capsys.readouterr().err
     assert "stage 1: error: 2 problem(s)" in err
     assert "model.encoder '/models/whisper'" in err and "model.llm '/models/qwen2vl'" in err

@@ -2,7 +2,7 @@
 
 REF and HYP are Kaldi-style `id text` files or JSONL ({"id", "text"}; "ref"/"hyp" keys also work,
 so one JSONL with both can be passed as both). `WerReport` holds the corpus scores that
-`score.score` computes; `write_report_json` writes it with its per-utterance rows.
+`scoring.score` computes; `write_report_json` writes it with its per-utterance rows.
 """
 
 from __future__ import annotations
