@@ -62,12 +62,6 @@ class ModelConfig:
         "Width of the conv context stack (0: the encoder's d_model). Narrower keeps a wide "
         "encoder's context stack cheap: its frames are projected in, and back out to the residual.",
     )
-    projector_context_at: Literal["frames", "stacked"] = opt(
-        "frames",
-        "Where the conv context runs: over the encoder frames before stacking, or over the "
-        "stacked positions (stack_factor times fewer, so a stack twice as wide costs about the "
-        "same and sees stack_factor times further).",
-    )
     projector_dropout: float = opt(0.0, "Dropout inside the projector's context stack.")
     projector_init: str = opt("", "Projector safetensors to start from (stage 2: stage-1 output).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(

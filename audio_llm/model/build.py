@@ -71,7 +71,6 @@ def build_audio_llm(
         context=cfg.projector_context,
         dropout=cfg.projector_dropout,
         context_width=cfg.projector_context_width,
-        context_at=cfg.projector_context_at,
     ).to(dtype)
     if cfg.projector_init:
         projector.load(cfg.projector_init)

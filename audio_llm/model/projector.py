@@ -56,10 +56,8 @@ class AudioProjector(nn.Module):
 
     Stacking concatenates k consecutive frames (zero-padding the tail), so the LLM sees k times
     fewer audio positions; `kind="mlp"` adds a GELU hidden layer as in LLaVA-style projectors.
-    `context="conv"` adds a small dilated convolution stack (`ConvContext`): over the encoder
-    frames before stacking (`context_at="frames"`), or over the stacked positions
-    (`context_at="stacked"`: k times fewer positions, so a stack twice as wide costs about the
-    same, and its +-30 positions reach k times further).
+    `context="conv"` first runs a small dilated convolution stack over the frames (`ConvContext`),
+    for encoders whose frames carry little context of their own (the demo's random tiny Whisper).
     """
 
     def __init__(
@@ -72,18 +70,12 @@ class AudioProjector(nn.Module):
         context: str = "none",
         dropout: float = 0.0,
         context_width: int = 0,
-        context_at: str = "frames",
     ) -> None:
         super().__init__()
         self.d_encoder, self.d_llm, self.stack, self.kind = d_encoder, d_llm, stack, kind
-        self.context_kind, self.context_at = context, context_at
-        if context_at not in ("frames", "stacked"):
-            raise AudioLLMError(
-                f"model.projector_context_at must be 'frames' or 'stacked' (got {context_at!r})"
-            )
+        self.context_kind = context
         if context == "conv":
-            d_context = d_encoder if context_at == "frames" else d_encoder * stack
-            self.context = ConvContext(d_context, dropout, context_width)
+            self.context = ConvContext(d_encoder, dropout, context_width)
         elif context != "none":
             raise AudioLLMError(
                 f"model.projector_context must be 'none' or 'conv' (got {context!r})"
@@ -112,18 +104,14 @@ class AudioProjector(nn.Module):
         # Zero frames past each clip's end so stacking never mixes padding into valid positions.
         valid = torch.arange(num, device=frames.device)[None, :] < lengths[:, None]
         frames = frames * valid[..., None].to(frames.dtype)
-        weight_dtype = self.net[0].weight.dtype
-        if self.context_kind != "none" and self.context_at == "frames":
-            frames = self.context(frames.to(weight_dtype), valid)
+        if self.context_kind != "none":
+            frames = self.context(frames.to(self.net[0].weight.dtype), valid)
         pad = (-num) % self.stack
         if pad:
             frames = nn.functional.pad(frames, (0, 0, 0, pad))
         stacked = frames.reshape(batch, (num + pad) // self.stack, dim * self.stack)
-        positions = self.output_lengths(lengths)
-        if self.context_kind != "none" and self.context_at == "stacked":
-            arange = torch.arange(stacked.shape[1], device=stacked.device)
-            stacked = self.context(stacked.to(weight_dtype), arange[None, :] < positions[:, None])
-        return self.net(stacked.to(weight_dtype)), positions
+        weight_dtype = self.net[0].weight.dtype
+        return self.net(stacked.to(weight_dtype)), self.output_lengths(lengths)
 
     def save(self, path: str | Path) -> None:
         """Safetensors with the shape metadata needed to rebuild the module."""
@@ -137,8 +125,6 @@ class AudioProjector(nn.Module):
                 self.context.inp.out_features if self.context_kind == "conv" else 0
             ),
         }
-        if self.context_at != "frames":  # files of the default layout stay as they were
-            meta["context_at"] = self.context_at
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata=meta)
 
@@ -155,7 +141,7 @@ class AudioProjector(nn.Module):
                     f"{path}: projector tensor {key} has shape {tuple(tensor.shape)}, this model "
                     f"needs {want} (d_encoder={self.d_encoder}, d_llm={self.d_llm}, "
                     f"stack={self.stack}, kind={self.kind}, context={self.context_kind}, "
-                    f"context width {context_width_of(own)} at {self.context_at}): "
+                    f"context width {context_width_of(own)}): "
                     "check model.* against stage 1"
                 )
         missing = sorted(set(own) - set(state))

@@ -65,8 +65,7 @@ class ModelShape:
     lora_params: int = 0  # all LoRA A and B weights: one MAC per weight per position
     encoder_mode: str = "padded"
     projector_context: str = "none"  # "conv": ConvContext over encoder frames before stacking
-    context_width: int = 0  # the ConvContext's width; 0: its input's
-    context_at: str = "frames"  # "stacked": the ConvContext runs over the stacked positions
+    context_width: int = 0  # the ConvContext's width; 0: d_encoder
     ctc: bool = False  # train.ctc_weight > 0: projector output x (embedding table + blank)
     audio_token_id: int = -1  # placeholders never meet the lm_head (-1: trust the batch's labels)
 
@@ -126,7 +125,6 @@ class ModelShape:
             "context_width": projector.context.inp.out_features
             if projector.context_kind == "conv"
             else 0,
-            "context_at": projector.context_at,
             "ctc": "ctc" in model.loss_heads(),  # the CTC head's loss (train.ctc_weight > 0)
             "audio_token_id": model.audio_token_id,
         }
@@ -194,13 +192,9 @@ def context_forward(shape: ModelShape, frames: int) -> tuple[float, float]:
         return 0.0, 0.0
     from audio_llm.model.projector import ConvContext
 
-    if shape.context_at == "stacked":
-        n, d_in = audio_positions(shape, frames), shape.d_encoder * shape.stack
-    else:
-        n, d_in = frames, shape.d_encoder
-    width = shape.context_width or d_in
-    linear = 2.0 * n * d_in * width  # in, and again out to the residual
-    convs = 2.0 * n * width * width * ConvContext.KERNEL * len(ConvContext.DILATIONS)
+    width = shape.context_width or shape.d_encoder
+    linear = 2.0 * frames * shape.d_encoder * width  # in, and again out to the residual
+    convs = 2.0 * frames * width * width * ConvContext.KERNEL * len(ConvContext.DILATIONS)
     return linear, convs + linear
 
 

@@ -44,15 +44,8 @@ DEMO = {"varlen_encoder": True, "stack_factor": 4, "projector": "mlp"}
         (DEMO, LoraConfig(rank=8), 0.0),
         ({**DEMO, "projector_context": "conv"}, LoraConfig(rank=8), 1.0),  # the demo's recipe
         ({**DEMO, "projector_context": "conv", "projector_context_width": 16}, None, 1.0),
-        ({**DEMO, "projector_context": "conv", "projector_context_at": "stacked"}, None, 1.0),
     ],
-    ids=[
-        "seed-stage1",
-        "varlen-stack4-mlp-lora",
-        "conv-context-ctc",
-        "narrow-context",
-        "stacked-context",
-    ],
+    ids=["seed-stage1", "varlen-stack4-mlp-lora", "conv-context-ctc", "narrow-context"],
 )
 def test_analytic_training_flops_equal_torch_flop_counter(model_config, overrides, lora, ctc):
     """The formulas and FlopCounterMode count the same ops (matmuls, convs; 2 per MAC), so they
