@@ -32,7 +32,7 @@ test: lint system-deps
 	$(BIN)/python -m pytest -q tests
 
 # The unit tests alone (no deepspeed/torchrun/CLI/demo launches: those are tests/integration/).
-test-unit: lint
+test-unit: lint system-deps
 	$(BIN)/python -m pytest -q tests -m "not integration"
 
 # espeak-ng speaks the demo corpus, sox handles odd audio; apt where we can, a clear message elsewhere.
