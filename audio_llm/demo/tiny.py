@@ -221,13 +221,9 @@ def write_tiny_whisper(out_dir: str | Path, seed: int = 0, spec: TinySpec | None
     return Path(out_dir)
 
 
-def write_tiny_llm(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a tiny Qwen2-VL checkpoint + BPE tokenizer to `out_dir`; deterministic."""
-    spec = spec or TinySpec()
-    tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
-    config = qwen2vl_config(spec, tokenizer)
-    torch.manual_seed(seed + 1)
-    llm = Qwen2VLForConditionalGeneration(config)
+def _save_llm(llm, tokenizer, out_dir: str | Path) -> Path:
+    """Save a Qwen2-VL with greedy generation that stops at <|im_end|> or padding, and its
+    tokenizer, to `out_dir`."""
     llm.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
@@ -236,6 +232,16 @@ def write_tiny_llm(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = N
     llm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def write_tiny_llm(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Write a tiny Qwen2-VL checkpoint + BPE tokenizer to `out_dir`; deterministic."""
+    spec = spec or TinySpec()
+    tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
+    config = qwen2vl_config(spec, tokenizer)
+    torch.manual_seed(seed + 1)
+    llm = Qwen2VLForConditionalGeneration(config)
+    return _save_llm(llm, tokenizer, out_dir)
 
 
 def write_tiny_models(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> dict:
@@ -378,14 +384,7 @@ def write_like_llm(
     llm = _random_model(
         Qwen2VLForConditionalGeneration, config, seed + 1, std, _init_device(device)
     )
-    llm.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    llm.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return Path(out_dir)
+    return _save_llm(llm, tokenizer, out_dir)
 
 
 def write_like_models(
