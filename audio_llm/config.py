@@ -119,6 +119,12 @@ class DataConfig:
         "Group samples of similar duration inside the shuffle buffer so batches carry little "
         "padding.",
     )
+    align_ranks: bool = opt(
+        True,
+        "With bucket_by_length and several ranks: every rank takes its buffer's batches in one "
+        "shared order of their lengths, so the ranks' batches at a step are alike and none waits "
+        "long for another at the gradient all-reduce. false: each rank shuffles its own.",
+    )
     max_batch_seconds: float = opt(
         0.0,
         "Token-budget batches: cap batch_size x longest clip (seconds) per batch; 0 = fixed "

@@ -135,6 +135,7 @@ def build_loader(
         shuffle_buffer=cfg.shuffle_buffer,
         long_audio=cfg.long_audio,
         bucket_by_length=cfg.bucket_by_length,
+        align_ranks=cfg.align_ranks,
         max_batch_seconds=cfg.max_batch_seconds,
         augment=SpecAugment(
             cfg.time_masks, cfg.time_mask_seconds, cfg.feature_masks, cfg.feature_mask_fraction

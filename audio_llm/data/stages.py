@@ -15,6 +15,7 @@ Problems (bad shards, bad samples) are counted and named by a `Problems`, never 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -83,6 +84,12 @@ class Slot:
     def rng(self, stage: str, *more: int) -> random.Random:
         """The stage's own `random.Random`, seeded from its `key`."""
         return random.Random(self.key(stage, *more))
+
+    def shared_rng(self, stage: str, *more: int) -> random.Random:
+        """A `random.Random` that every rank's slot of this worker builds alike: seeded like
+        `rng` without the rank (for choices the ranks must make together)."""
+        parts = (stage, "shared", self.seed, self.epoch, self.worker, *more)
+        return random.Random(":".join(str(part) for part in parts))
 
     def numpy_rng(self, stage: str, *more: int) -> np.random.Generator:
         """The stage's own numpy generator, seeded from the sha256 of its `key`."""
@@ -321,8 +328,10 @@ def bucketed_batches(
     frame_seconds: float,
     expected_items: int,
     where: str,
+    order: Callable[[int, int], random.Random] | None = None,
 ) -> Iterator[list[Item]]:
     """Stage: exactly `quota` length-bucketed batches (`bucket.bucket_batches`), pass after pass.
+    `order(pass, buffer)`: the rank-shared generator that orders a buffer's batches, if any.
 
     With a budget (`max_batch_seconds`) the first pass is split to keep pace with the quota; a
     pass that still needs more batches is read to its end once the quota is met, and what it
@@ -345,6 +354,7 @@ def bucketed_batches(
             rng=rng,
             quota=quota if pass_no == 0 and budget else 0,
             expected_items=expected_items,
+            order=None if order is None else functools.partial(order, pass_no),
         )
         used = 0
         for batch in batches:

@@ -39,6 +39,7 @@ unseen batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -76,6 +77,7 @@ class ShardStream(IterableDataset):
         bucket_by_length: bool = False,
         max_batch_seconds: float = 0.0,
         augment: SpecAugment | None = None,
+        align_ranks: bool = True,
     ) -> None:
         collator = Collator(layout, shards.mode, features_on)
         if max_batch_seconds > 0 and not bucket_by_length:
@@ -101,6 +103,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = max(shuffle_buffer, 1)
         self.long_audio = long_audio
         self.bucket_by_length = bucket_by_length
+        # rank-shared batch order (`data.bucket`): only where there are ranks to keep in step
+        self.align_ranks = align_ranks and world_size > 1
         self.max_batch_seconds = max(max_batch_seconds, 0.0)
         # seconds of audio per valid frame: encoder frames are 2 mel frames
         self.frame_seconds = (
@@ -154,6 +158,7 @@ class ShardStream(IterableDataset):
                 frame_seconds=self.frame_seconds,
                 expected_items=sum(s.samples for s in shards),
                 where=f"rank {self.rank} worker {worker} epoch {self.epoch}",
+                order=functools.partial(slot.shared_rng, "order") if self.align_ranks else None,
             )
         else:
             items = stages.shuffled_passes(samples, slot.rng("shuffle"), self.shuffle_buffer)
