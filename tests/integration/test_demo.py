@@ -13,11 +13,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _converted_cache(folder: Path) -> Path:
+    """A cache as a whisper-tiny.en conversion leaves it (the marker with the pinned checksum and
+    its check), holding a tiny random Whisper: the demo takes its pretrained route, recipe and
+    all, without downloading anything."""
+    from audio_llm.demo import pretrained
+    from audio_llm.demo.tiny import write_tiny_whisper
+
+    checkpoint = folder / pretrained.CHECKPOINT
+    write_tiny_whisper(checkpoint, seed=3)
+    marker = {"wheel_sha256": pretrained.PINNED_SHA256, "check": {"heard": "(a stand-in)"}}
+    (checkpoint / pretrained.MARKER).write_text(json.dumps(marker))
+    return folder
+
+
 def test_small_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "audio_llm.demo", "--out", str(out), "--train-utterances", "64"]
     cmd += ["--test-utterances", "8", "--stage1-steps", "4", "--stage2-steps", "16"]
-    cmd += ["--reading-steps", "20"]
+    cmd += ["--reading-steps", "20", "--pretrained-cache", str(_converted_cache(tmp_path))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
@@ -40,7 +54,14 @@ def test_small_demo_runs_end_to_end(tmp_path):
         for decoding in ("", "_llm_only"):  # joint CTC/LLM decoding, and the LLM alone
             rows = (out / "eval" / f"{split}{decoding}" / "utterances.jsonl").read_text()
             assert len(rows.splitlines()) == 8
-    assert summary["decoding"]["ctc_weight"] == 0.3
+    # the default encoder, with its recipe: the 1024-wide MLP, beam 4 and CTC at 0.5
+    assert summary["encoder"] == "pretrained whisper-tiny.en"
+    assert "reusing" in summary["encoder_source"]  # the cache above: nothing downloaded
+    assert summary["decoding"] == {"ctc_weight": 0.5, "beams": 4}
+    stage2_config = (out / "stage2" / "config.yaml").read_text()
+    assert "projector_hidden: 1024" in stage2_config
+    assert "projector_context_width: 128" in stage2_config
+    assert str(tmp_path / "whisper-tiny.en") in stage2_config
     for key, name in (
         ("wer_after_llm_only", "test_seen_voices_llm_only"),
         ("wer_unseen_voice_llm_only", "test_unseen_voice_llm_only"),
