@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from audio_llm.demo.pretrained import fetch_whisper_tiny_en
 from audio_llm.demo.reading import (
@@ -268,6 +269,7 @@ class _Demo:
 def main(argv: list[str] | None = None) -> int:
     """`python -m audio_llm.demo`: the demo's phases in order (or `make reader`'s check)."""
     args = _parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # loading and saving tiny models: no bars in the terminal
     if args.check_reader or args.write_reader:
         return reader_asset(args, write=args.write_reader)
     out = (REPO / args.out).resolve()
