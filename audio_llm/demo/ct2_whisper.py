@@ -31,9 +31,9 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperTokenizer,
 )
-from transformers.utils import logging as hf_logging
 
 from audio_llm.errors import AudioLLMError
+from audio_llm.model.encoder import quiet_transformers
 
 BINARY_VERSION = 6
 WHISPER_SPEC = "WhisperSpec"
@@ -401,12 +401,8 @@ def write_whisper_checkpoint(ct2: Ct2Whisper, out_dir: str | Path) -> Path:
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config = generation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no advice about generation settings living in config.json
-    try:
+    with quiet_transformers():  # no advice about generation settings living in config.json
         model.save_pretrained(out)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     WhisperFeatureExtractor(feature_size=shapes["num_mel_bins"]).save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

