@@ -3,7 +3,8 @@
 Random word sequences over a fixed vocabulary, spoken by several espeak-ng voices at varied speed
 with light gain and noise variation. Test sets hold word sequences never seen in training (seen
 voices) and a voice never seen in training, so a low WER means the model recognises words, not
-memorised utterances or one speaker.
+memorised utterances or one speaker. A dev set (seen voices, its own word sequences) is for the
+choices made while developing (decoding, steps), so that the test sets only measure.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class CorpusSpec:
     words: int = 240
     train: int = 3000
     test: int = 200
+    dev: int = 200  # seen voices, for choices made while developing (decoding, steps)
     min_words: int = 4
     max_words: int = 12
     wpm: tuple[int, int] = (130, 200)
@@ -49,51 +51,61 @@ class CorpusSpec:
     voices: tuple[str, ...] = TRAIN_VOICES
     unseen_voice: str = UNSEEN_VOICE
     seed: int = 0
+    # 2: no homophones in the vocabulary (HOMOPHONES), test sets independent of `train`. A corpus
+    # made by another version is rebuilt, not reused.
+    version: int = 2
+
+
+# Words espeak-ng says exactly like an earlier word of the list in some corpus voice (`espeak-ng
+# -x` gives the same phonemes): in random word sequences nothing can tell them apart, so each would
+# cost a coin flip of WER that no model can win. "ate" sounds like "eight" in every voice; "his"
+# and "hold" are "is" and "old" in en-gb-x-gbcwmd, which drops its h's. tests/demo/test_speech.py
+# checks that no two words of the vocabulary sound alike in any voice.
+HOMOPHONES = ("ate", "his", "hold")
 
 
 def demo_vocabulary(count: int) -> list[str]:
-    """The first `count` words of the embedded list (deterministic)."""
-    words = vocabulary()
+    """The first `count` words of the embedded list that sound unlike every other (deterministic:
+    `HOMOPHONES` are left out, so the next words of the list take their places)."""
+    words = [w for w in vocabulary() if w not in HOMOPHONES]
     if count > len(words):
-        raise AudioLLMError(f"the embedded vocabulary has {len(words)} words, not {count}")
+        raise AudioLLMError(
+            f"the embedded vocabulary has {len(words)} distinct-sounding words, not {count}"
+        )
     return words[:count]
 
 
 def _utterances(spec: CorpusSpec) -> dict[str, list[dict]]:
-    rng = random.Random(spec.seed)
+    """Every split's rows. The held-out sets (test sets and dev) come first, each from its own
+    generator, so they do not depend on the training set's size; training rows are drawn after
+    them and never repeat a held-out word sequence. A split's rows are drawn one by one (text,
+    then speed, gain and noise), so a larger `spec.train` only adds rows after those a smaller
+    one has."""
     words = demo_vocabulary(spec.words)
 
-    def sentence() -> str:
-        return " ".join(rng.choices(words, k=rng.randint(spec.min_words, spec.max_words)))
-
-    train_texts: set[str] = set()
-    splits: dict[str, list[dict]] = {"train": [], "test_seen_voices": [], "test_unseen_voice": []}
-    for i in range(spec.train):
-        text = sentence()
-        train_texts.add(text)
-        splits["train"].append(
-            {"id": f"train-{i:05d}", "text": text, "voice": spec.voices[i % len(spec.voices)]}
-        )
-    for name, voices in (
-        ("test_seen_voices", spec.voices),
-        ("test_unseen_voice", (spec.unseen_voice,)),
-    ):
-        i = 0
-        while len(splits[name]) < spec.test:
-            text = sentence()
-            if text in train_texts:
-                continue  # never a sequence the model was trained on
-            splits[name].append(
-                {"id": f"{name}-{i:04d}", "text": text, "voice": voices[i % len(voices)]}
-            )
-            i += 1
-    for rows in splits.values():
-        for row in rows:
+    def rows(name: str, count: int, voices: tuple[str, ...], banned: set[str]) -> list[dict]:
+        rng = random.Random(f"{spec.seed}-{name}")
+        width = 5 if name == "train" else 4
+        out: list[dict] = []
+        while len(out) < count:
+            text = " ".join(rng.choices(words, k=rng.randint(spec.min_words, spec.max_words)))
+            if text in banned:
+                continue  # never a test sequence in training
+            i = len(out)
+            row = {"id": f"{name}-{i:0{width}d}", "text": text, "voice": voices[i % len(voices)]}
             row["wpm"] = rng.randint(*spec.wpm)
             row["gain"] = rng.uniform(*spec.gain)
             row["snr_db"] = rng.uniform(*spec.snr_db)
             row["noise_seed"] = rng.randrange(2**31)
-    return splits
+            out.append(row)
+        return out
+
+    seen = rows("test_seen_voices", spec.test, spec.voices, set())
+    unseen = rows("test_unseen_voice", spec.test, (spec.unseen_voice,), set())
+    dev = rows("dev", spec.dev, spec.voices, set())
+    held_out = {row["text"] for row in seen + unseen + dev}
+    train = rows("train", spec.train, spec.voices, held_out)
+    return {"train": train, "dev": dev, "test_seen_voices": seen, "test_unseen_voice": unseen}
 
 
 def _speak(row: dict, folder: Path) -> dict:

@@ -1,0 +1,118 @@
+"""The demo corpus: a vocabulary whose words all sound different, and splits drawn so that the
+test sets never change with the training set's size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections import defaultdict
+from dataclasses import asdict
+
+import pytest
+
+from audio_llm.demo.speech import (
+    HOMOPHONES,
+    SPEC_FILE,
+    TRAIN_VOICES,
+    UNSEEN_VOICE,
+    CorpusSpec,
+    _utterances,
+    corpus_matches,
+    demo_vocabulary,
+)
+from audio_llm.demo.tiny import vocabulary
+
+VOICES = (*TRAIN_VOICES, UNSEEN_VOICE)
+
+
+def _phonemes(words: list[str], voice: str) -> list[str]:
+    """espeak-ng's phonemes of each word, said alone by `voice`."""
+    out = subprocess.run(
+        ["espeak-ng", "-q", "-x", "-v", voice],
+        input="\n".join(words),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    said = [line.strip() for line in out.splitlines() if line.strip()]
+    assert len(said) == len(words), f"{voice}: {len(said)} phoneme lines for {len(words)} words"
+    return said
+
+
+def _sound_alike(words: list[str]) -> dict[tuple[str, ...], list[str]]:
+    """Groups of words that some voice says with the same phonemes, and the voices that do."""
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for voice in VOICES:
+        by_sound: dict[str, list[str]] = defaultdict(list)
+        for word, sound in zip(words, _phonemes(words, voice), strict=True):
+            by_sound[sound].append(word)
+        for same in by_sound.values():
+            if len(same) > 1:
+                groups[tuple(same)].append(voice)
+    return dict(groups)
+
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+
+@needs_espeak
+def test_no_two_words_of_the_vocabulary_sound_alike_in_any_voice():
+    assert _sound_alike(demo_vocabulary(CorpusSpec.words)) == {}
+
+
+@needs_espeak
+def test_every_left_out_word_does_sound_like_a_kept_one():
+    # the list holds only real homophones: without it, each of its words collides
+    kept = demo_vocabulary(CorpusSpec.words)
+    groups = _sound_alike(kept + list(HOMOPHONES))
+    collided = {w for group in groups for w in group}
+    assert set(HOMOPHONES) <= collided
+    assert ("eight", "ate") in groups and len(groups[("eight", "ate")]) == len(VOICES)
+
+
+def test_the_vocabulary_skips_the_homophones_and_keeps_the_list_order():
+    words = demo_vocabulary(240)
+    assert len(words) == len(set(words)) == 240
+    assert not set(HOMOPHONES) & set(words)
+    full = vocabulary()
+    assert [w for w in full if w in set(words)] == words  # the embedded order, gaps closed
+    assert words[-1] == [w for w in full if w not in HOMOPHONES][239]
+
+
+def test_test_sets_do_not_depend_on_the_training_set_size():
+    small, large = _utterances(CorpusSpec(train=50)), _utterances(CorpusSpec(train=400))
+    for split in ("test_seen_voices", "test_unseen_voice"):
+        assert small[split] == large[split]
+    assert large["train"][:50] == small["train"]  # a larger set only adds rows after
+
+
+def test_no_test_word_sequence_is_trained_on_and_every_row_is_complete():
+    spec = CorpusSpec(train=300, test=40, words=12, min_words=1, max_words=2)  # collisions happen
+    splits = _utterances(spec)
+    tests = {r["text"] for r in splits["test_seen_voices"] + splits["test_unseen_voice"]}
+    assert not tests & {r["text"] for r in splits["train"]}
+    assert {r["voice"] for r in splits["test_unseen_voice"]} == {UNSEEN_VOICE}
+    assert {r["voice"] for r in splits["train"]} == set(TRAIN_VOICES)
+    for name, rows in splits.items():
+        assert [r["id"] for r in rows] == [
+            f"{name}-{i:0{5 if name == 'train' else 4}d}" for i in range(len(rows))
+        ]
+        for r in rows:
+            assert spec.wpm[0] <= r["wpm"] <= spec.wpm[1]
+            assert spec.snr_db[0] <= r["snr_db"] <= spec.snr_db[1]
+
+
+def test_a_different_seed_gives_other_test_sentences():
+    a = _utterances(CorpusSpec(train=10, seed=0))["test_seen_voices"]
+    b = _utterances(CorpusSpec(train=10, seed=1))["test_seen_voices"]
+    assert [r["text"] for r in a] != [r["text"] for r in b]
+
+
+def test_a_corpus_of_an_older_version_is_not_reused(tmp_path):
+    spec = CorpusSpec(train=10)
+    (tmp_path / SPEC_FILE).write_text(json.dumps(asdict(spec)))
+    assert corpus_matches(tmp_path, spec)
+    old = {k: v for k, v in asdict(spec).items() if k != "version"}  # written before version 2
+    (tmp_path / SPEC_FILE).write_text(json.dumps(old))
+    assert not corpus_matches(tmp_path, spec)
