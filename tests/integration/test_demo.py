@@ -36,7 +36,8 @@ def test_small_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("wer_before", "wer_after", "wer_unseen_voice", "train_seconds", "total_seconds"):
+    keys = ("wer_before", "wer_after_stage1", "wer_after", "wer_unseen_voice", "train_seconds")
+    for key in (*keys, "total_seconds"):
         assert summary[key] is not None, key
     assert summary["llm_pretraining_seconds"] > 0  # reported apart from the training time
     assert summary["reading_loss"]["last"] < summary["reading_loss"]["first"]
@@ -54,13 +55,14 @@ def test_small_demo_runs_end_to_end(tmp_path):
         for decoding in ("", "_llm_only"):  # joint CTC/LLM decoding, and the LLM alone
             rows = (out / "eval" / f"{split}{decoding}" / "utterances.jsonl").read_text()
             assert len(rows.splitlines()) == 8
-    # the default encoder, with its recipe: the 1024-wide MLP, beam 4 and CTC at 0.5
+    # the default encoder, with its recipe: 3 frames a position, the 1024-wide MLP, beam 4, CTC 0.5
     assert summary["encoder"] == "pretrained whisper-tiny.en"
     assert "reusing" in summary["encoder_source"]  # the cache above: nothing downloaded
     assert summary["decoding"] == {"ctc_weight": 0.5, "beams": 4}
     stage2_config = (out / "stage2" / "config.yaml").read_text()
     assert "projector_hidden: 1024" in stage2_config
     assert "projector_context_width: 128" in stage2_config
+    assert "stack_factor: 3" in stage2_config
     assert str(tmp_path / "whisper-tiny.en") in stage2_config
     for key, name in (
         ("wer_after_llm_only", "test_seen_voices_llm_only"),
