@@ -51,16 +51,16 @@ class CorpusSpec:
     voices: tuple[str, ...] = TRAIN_VOICES
     unseen_voice: str = UNSEEN_VOICE
     seed: int = 0
-    # 2: no homophones in the vocabulary (HOMOPHONES), test sets independent of `train`. A corpus
-    # made by another version is rebuilt, not reused.
+    # 2: no homophones in the vocabulary (HOMOPHONES), a dev set, held-out sets independent of
+    # `train`. A corpus made by another version is rebuilt, not reused.
     version: int = 2
 
 
-# Words espeak-ng says exactly like an earlier word of the list in some corpus voice (`espeak-ng
-# -x` gives the same phonemes): in random word sequences nothing can tell them apart, so each would
-# cost a coin flip of WER that no model can win. "ate" sounds like "eight" in every voice; "his"
-# and "hold" are "is" and "old" in en-gb-x-gbcwmd, which drops its h's. tests/demo/test_speech.py
-# checks that no two words of the vocabulary sound alike in any voice.
+# One word of each pair that espeak-ng says exactly alike in some corpus voice (`espeak-ng -x`
+# gives the same phonemes): in random word sequences nothing can tell such words apart, so each
+# would cost a coin flip of WER that no model can win. "ate" sounds like "eight" in every voice;
+# "his" and "hold" are "is" and "old" in en-gb-x-gbcwmd, which drops its h's.
+# tests/demo/test_speech.py checks that no two words of the vocabulary sound alike in any voice.
 HOMOPHONES = ("ate", "his", "hold")
 
 
@@ -90,7 +90,7 @@ def _utterances(spec: CorpusSpec) -> dict[str, list[dict]]:
         while len(out) < count:
             text = " ".join(rng.choices(words, k=rng.randint(spec.min_words, spec.max_words)))
             if text in banned:
-                continue  # never a test sequence in training
+                continue  # never a held-out sequence in training
             i = len(out)
             row = {"id": f"{name}-{i:0{width}d}", "text": text, "voice": voices[i % len(voices)]}
             row["wpm"] = rng.randint(*spec.wpm)
