@@ -355,8 +355,7 @@ def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> N
             "--varlen-encoder",  # each clip's own frames, not the 30 s window (issue 7)
         ]
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
-        clips = {"train": spec.train, "dev": spec.dev}.get(split, spec.test)
-        per_shard = max(1, -(-clips // 8))
+        per_shard = max(1, -(-spec.clips(split) // 8))
         cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
         # one process: the frozen encoder uses every core
         _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)

@@ -55,6 +55,10 @@ class CorpusSpec:
     # `train`. A corpus made by another version is rebuilt, not reused.
     version: int = 2
 
+    def clips(self, split: str) -> int:
+        """How many clips `split` holds: `train`, `dev`, or `test` for each test set."""
+        return {"train": self.train, "dev": self.dev}.get(split, self.test)
+
 
 # One word of each pair that espeak-ng says exactly alike in some corpus voice (`espeak-ng -x`
 # gives the same phonemes): in random word sequences nothing can tell such words apart, so each
@@ -83,11 +87,11 @@ def _utterances(spec: CorpusSpec) -> dict[str, list[dict]]:
     one has."""
     words = demo_vocabulary(spec.words)
 
-    def rows(name: str, count: int, voices: tuple[str, ...], banned: set[str]) -> list[dict]:
+    def rows(name: str, voices: tuple[str, ...], banned: set[str]) -> list[dict]:
         rng = random.Random(f"{spec.seed}-{name}")
         width = 5 if name == "train" else 4
         out: list[dict] = []
-        while len(out) < count:
+        while len(out) < spec.clips(name):
             text = " ".join(rng.choices(words, k=rng.randint(spec.min_words, spec.max_words)))
             if text in banned:
                 continue  # never a held-out sequence in training
@@ -100,11 +104,11 @@ def _utterances(spec: CorpusSpec) -> dict[str, list[dict]]:
             out.append(row)
         return out
 
-    seen = rows("test_seen_voices", spec.test, spec.voices, set())
-    unseen = rows("test_unseen_voice", spec.test, (spec.unseen_voice,), set())
-    dev = rows("dev", spec.dev, spec.voices, set())
+    seen = rows("test_seen_voices", spec.voices, set())
+    unseen = rows("test_unseen_voice", (spec.unseen_voice,), set())
+    dev = rows("dev", spec.voices, set())
     held_out = {row["text"] for row in seen + unseen + dev}
-    train = rows("train", spec.train, spec.voices, held_out)
+    train = rows("train", spec.voices, held_out)
     return {"train": train, "dev": dev, "test_seen_voices": seen, "test_unseen_voice": unseen}
 
 
