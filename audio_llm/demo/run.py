@@ -339,7 +339,7 @@ def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
     spec = CorpusSpec(train=args.train_utterances, test=held_out, dev=held_out, seed=args.seed)
     rebuilt = args.fresh or not corpus_matches(demo.corpus, spec)
     if rebuilt:
-        make_corpus(demo.corpus, spec)
+        make_corpus(demo.corpus, spec, progress=lambda line: print(f"   {line}", flush=True))
     demo.times["corpus"] = time.time() - t
     return spec, rebuilt
 
@@ -367,7 +367,10 @@ def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> N
         ]
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-spec.clips(split) // 8))
-        cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
+        # Not --quiet: the pack's own lines (skips, its report) reach the log.
+        # TODO(merge): once `audio-llm pack` writes a progress line every 10 s to a non-terminal,
+        # widen PROGRESS (above) to match it, so that `_run` echoes the pack's progress too.
+        cmd += ["--max-samples", str(per_shard), "--overwrite"]
         # one process: the frozen encoder uses every core
         _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)
     demo.times["pack"] = time.time() - t
