@@ -48,11 +48,18 @@ def test_every_link_in_the_readme_and_docs_exists_and_every_docs_page_is_in_the_
     assert {p.resolve() for p in DOCS} <= linked, "a docs/ page the README's map does not list"
 
 
+def _expand(path: str) -> list[str]:
+    """`launch/stage{1,2}.py` -> both paths (one level of braces)."""
+    brace = re.search(r"\{([^{}]*)\}", path)
+    if not brace:
+        return [path]
+    return [path[: brace.start()] + alt + path[brace.end() :] for alt in brace.group(1).split(",")]
+
+
 def test_every_repository_path_and_command_the_readme_names_exists():
-    for path in re.findall(
-        r"\b((?:launch|ds_configs|benchmarks|docs)/[\w.-]+(?:/[\w.-]+)*)", SHOWN
-    ):
-        assert (REPO / path.rstrip(".")).exists(), f"README names {path}, which does not exist"
+    for named in re.findall(r"\b((?:launch|ds_configs|benchmarks|docs)/[\w.{},/-]+)", SHOWN):
+        for path in _expand(named.rstrip(".,")):
+            assert (REPO / path).exists(), f"README names {path}, which does not exist"
     for command in re.findall(r"`audio-llm ([a-z-]+)", SHOWN) + re.findall(
         r"^audio-llm ([a-z-]+)", SHOWN, flags=re.M
     ):
