@@ -5,8 +5,9 @@
     python benchmarks/demo_settings.py --work /tmp/bds      # keep shards elsewhere
 
 Issue 7, benchmark (c). It runs the `make demo` tools (audio_llm/demo/run.py) on its tiny models
-and espeak-ng corpus with launch/configs/demo.yaml (mlp projector, LoRA r=64, batches of 16 per
-rank, lr 3e-3) for every value except the three that make up each setting:
+and espeak-ng corpus with launch/configs/demo_random-encoder_stage{1,2}.yaml (the random-encoder
+recipe: mlp projector, LoRA r=64, batches of 16 per rank, lr 3e-3) for every value except the
+three that make up each setting:
 
 - seed: encoder shards packed without `--varlen-encoder` (every clip runs Whisper's 30 s window,
   1,500 frames, and the valid frames are kept; `model.varlen_encoder=false`), `model.stack_factor=1`
@@ -232,7 +233,10 @@ def stage(
     cmd = [tool("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     cmd += [str(REPO / "launch" / f"stage{number}.py")]
     cmd += ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]
-    cmd += ["--config", str(REPO / "launch" / "configs" / "demo.yaml")]
+    cmd += [
+        "--config",
+        str(REPO / "launch" / "configs" / f"demo_random-encoder_stage{number}.yaml"),
+    ]
     cmd += [
         f"model.encoder={models['whisper']}",
         f"model.llm={models['qwen2vl']}",
@@ -433,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  WER {fmt(result['wer'], '.2%')}", flush=True)
 
     print(
-        f"\nstage 1 {args.stage1_steps} + stage 2 {args.steps} steps per setting, demo.yaml "
+        f"\nstage 1 {args.stage1_steps} + stage 2 {args.steps} steps per setting, "
+        f"demo_random-encoder_stage{{1,2}}.yaml "
         f"(projector mlp, batch 16 per rank, 2 CPU ranks); "
         f"{args.train_utterances} train / {args.test_utterances} test clips"
     )
@@ -459,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "total_seconds": time.time() - began,
         "notes": [
-            "stage 1 (projector) then stage 2 (projector + LoRA), launch/configs/demo.yaml "
+            "stage 1 (projector) then stage 2 (projector + LoRA), "
+            "launch/configs/demo_random-encoder_stage{1,2}.yaml "
             "otherwise; stage-2 figures unless named stage 1",
             "shards hold encoder outputs: the 30 s window costs at pack time (CPU here), not in "
             "training; training FLOPs count the projector + LLM only",

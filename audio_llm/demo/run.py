@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from audio_llm.config import Config, load_config
 from audio_llm.demo.pretrained import fetch_whisper_tiny_en
 from audio_llm.demo.reading import (
     READER_ASSET,
@@ -118,40 +119,20 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """How the demo trains and decodes over one encoder: config overrides for both stages, step
-    counts and the decoding of the final WER. The flags of the same names override them."""
-
-    overrides: tuple[str, ...]
-    stage1_steps: int
-    stage2_steps: int
-    ctc_weight: float
-    beams: int
-
-
-# Measured on this repository's 2-core machine; the README's demo tables give each run.
+CONFIGS = REPO / "launch" / "configs"
+# Each encoder's recipe is a pair of config files, `launch/configs/<stem>_stage{1,2}.yaml`, that
+# `deepspeed launch/stageN.py --config` runs as they are; the demo adds only where this run's files
+# are and what its flags ask (`stage_overrides`).
 RECIPES = {
-    # whisper-tiny.en's frames are 384 wide: the context stack runs at 128, the MLP's hidden
-    # layer is 1024 wide, and 3 frames (60 ms) make an LLM position, not 4 (each helped; chosen
-    # on the dev set). Beam 4 with CTC at 0.5 decodes. Steps cost ~0.42 s here, so 100 + 1000 of
-    # them keep training inside 10 minutes.
-    "pretrained whisper-tiny.en": Recipe(
-        overrides=(
-            "model.projector_context_width=128",
-            "model.projector_hidden=1024",
-            "model.stack_factor=3",
-        ),
-        stage1_steps=100,
-        stage2_steps=1000,
-        ctc_weight=0.5,
-        beams=4,
-    ),
-    # The random encoder's frames are as narrow as the LLM: its context stack keeps their width.
-    "random pass-through": Recipe(
-        overrides=(), stage1_steps=300, stage2_steps=1200, ctc_weight=0.3, beams=1
-    ),
+    "pretrained whisper-tiny.en": "demo_whisper-tiny.en",
+    "random pass-through": "demo_random-encoder",
 }
+STAGES = ("stage1", "stage2")
+
+
+def recipe_file(encoder: str, stage: str) -> Path:
+    """The config file of `stage` ("stage1" or "stage2") in the recipe for `encoder`."""
+    return CONFIGS / f"{RECIPES[encoder]}_{stage}.yaml"
 
 
 def pretrained_encoder(cache_dir: Path = PRETRAINED_CACHE) -> tuple[Path | None, str]:
@@ -161,9 +142,9 @@ def pretrained_encoder(cache_dir: Path = PRETRAINED_CACHE) -> tuple[Path | None,
     return fetch_whisper_tiny_en(cache_dir)
 
 
-def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, Recipe, str]:
+def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, str]:
     """Point `models["whisper"]` at the encoder `--encoder` asks for, if it can be had; returns
-    its name (for the summary), its recipe and a line saying where it came from."""
+    its name (for the summary and `RECIPES`) and a line saying where it came from."""
     if args.encoder == "whisper-tiny.en":
         path, why = pretrained_encoder(Path(args.pretrained_cache))
         if path is not None:
@@ -174,16 +155,42 @@ def choose_encoder(args: argparse.Namespace, models: dict) -> tuple[str, Recipe,
     else:
         why, name = "--encoder random: the random pass-through encoder", "random pass-through"
     print(f"   encoder: {why}")
-    return name, RECIPES[name], why
+    return name, why
 
 
-def apply_recipe(args: argparse.Namespace, recipe: Recipe) -> list[str]:
-    """Fill the flags left unset from `recipe`; returns the config overrides of both stages (the
-    recipe's, then `--set`'s, which win)."""
-    for name in ("stage1_steps", "stage2_steps", "ctc_weight", "beams"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(recipe, name))
-    return [*recipe.overrides, *args.set]
+def stage_overrides(args: argparse.Namespace, out: Path, models: dict, stage: str) -> list[str]:
+    """What the demo adds to `stage`'s recipe file: where this run's files are, then what the
+    flags ask (a flag left unset keeps the file's value), then `--set`'s, which win."""
+    shards = out / "shards"
+    paths = [
+        f"model.encoder={models['whisper']}",
+        f"model.llm={models['qwen2vl']}",
+        f"data.train_shards={shards / 'train'}",
+        f"data.eval_shards={shards / 'dev'}",
+        f"train.out_dir={out / stage}",
+    ]
+    if stage == "stage2":
+        paths.append(f"model.projector_init={out / 'stage1' / 'export' / 'projector.safetensors'}")
+    flags = [f"data.seed={args.seed}", f"train.seed={args.seed}"]
+    steps = args.stage1_steps if stage == "stage1" else args.stage2_steps
+    if steps is not None:
+        flags.append(f"train.max_steps={steps}")
+    if args.ctc_weight is not None:  # the WER before training decodes as the final eval
+        flags.append(f"eval.ctc_weight={args.ctc_weight}")
+    if stage == "stage2" and args.stage2_lr is not None:
+        flags.append(f"train.lr={args.stage2_lr}")
+    if stage == "stage2" and args.beams is not None:
+        flags.append(f"eval.num_beams={args.beams}")
+    return [*paths, *flags, *args.set]
+
+
+def effective_config(
+    args: argparse.Namespace, out: Path, models: dict, encoder: str, stage: str
+) -> Config:
+    """The config `launch/<stage>.py` runs: the recipe file with the demo's overrides."""
+    number = STAGES.index(stage) + 1
+    overrides = [*stage_overrides(args, out, models, stage), f"train.stage={number}"]
+    return load_config(recipe_file(encoder, stage), overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,24 +209,26 @@ def _parser() -> argparse.ArgumentParser:
         default=400,
         help="clips in each held-out set: dev and the two test sets (default 400)",
     )
-    recipe = "default: the encoder's recipe (RECIPES in audio_llm/demo/run.py)"
-    parser.add_argument("--stage1-steps", type=int, help=recipe)
-    parser.add_argument("--stage2-steps", type=int, help=recipe)
-    parser.add_argument("--stage2-lr", type=float, default=3e-3)
+    recipe = "default: the encoder's recipe, launch/configs/demo_*_stage{1,2}.yaml"
+    parser.add_argument("--stage1-steps", type=int, help=f"stage 1's train.max_steps; {recipe}")
+    parser.add_argument("--stage2-steps", type=int, help=f"stage 2's train.max_steps; {recipe}")
+    parser.add_argument("--stage2-lr", type=float, help=f"stage 2's train.lr; {recipe}")
     parser.add_argument(
         "--ctc-weight",
         type=float,
-        help=f"joint CTC/LLM decoding weight of the WER before and after (0: the LLM alone); "
-        f"{recipe}",
+        help=f"eval.ctc_weight: joint CTC/LLM decoding weight of the WER before and after (0: "
+        f"the LLM alone); {recipe}",
     )
-    parser.add_argument("--beams", type=int, help=f"beam width of the final WER; {recipe}")
+    parser.add_argument(
+        "--beams", type=int, help=f"stage 2's eval.num_beams: beam width of the final WER; {recipe}"
+    )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a config override for both training stages, after the recipe's (repeatable), e.g. "
-        "--set model.projector_hidden=512",
+        help="a config override for both training stages, after the recipe file and the flags "
+        "above (repeatable), e.g. --set model.projector_hidden=512",
     )
     parser.add_argument(
         "--reading-steps",
@@ -263,12 +272,14 @@ def _parser() -> argparse.ArgumentParser:
 
 @dataclass
 class _Demo:
-    """One demo run: its options, its folder, when it began and the seconds each phase took."""
+    """One demo run: its options, its folder, when it began and the seconds each phase took;
+    once the encoder is chosen, the config each training stage runs."""
 
     args: argparse.Namespace
     out: Path
     began: float
     times: dict[str, float] = field(default_factory=dict)
+    configs: dict[str, Config] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -293,29 +304,29 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     demo = _Demo(args, out, began=time.time())
 
-    models, built, encoder, recipe = _phase_models(demo)
-    overrides = apply_recipe(args, recipe)
+    models, built, encoder = _phase_models(demo)
+    for stage in STAGES:  # the recipe's files, checked before any long phase runs
+        demo.configs[stage] = effective_config(args, out, models, encoder[0], stage)
     spec, rebuilt = _phase_corpus(demo)
     _phase_pack(demo, models, spec, rebuilt)
-    common = _training_overrides(demo, models, overrides)
-    s1 = _phase_stage1(demo, common)
-    s2 = _phase_stage2(demo, common)
+    s1 = _phase_stage1(demo, models, encoder[0])
+    s2 = _phase_stage2(demo, models, encoder[0])
     results = _phase_eval(demo)
     summary = _phase_summary(demo, encoder, built, spec, s1, s2, results)
     _print_summary(demo, summary, built, spec)
     return 0
 
 
-def _phase_models(demo: _Demo) -> tuple[dict, dict, tuple[str, str], Recipe]:
+def _phase_models(demo: _Demo) -> tuple[dict, dict, tuple[str, str]]:
     """1/6: the tiny checkpoints and the reading-pretrained LLM, then the encoder `--encoder`
-    asks for; returns the model paths, what `_tiny_models` built, the encoder's name and where
-    it came from, and its recipe."""
+    asks for; returns the model paths, what `_tiny_models` built, and the encoder's name and
+    where it came from."""
     print("== 1/6 tiny checkpoints (save_pretrained, loaded back with from_pretrained)")
     models, built = _tiny_models(demo.out / "tiny", demo.args)
     demo.times["models"] = built["models_seconds"]
     demo.times["llm_pretraining"] = built["reading_seconds"]
-    name, recipe, source = choose_encoder(demo.args, models)
-    return models, built, (name, source), recipe
+    name, source = choose_encoder(demo.args, models)
+    return models, built, (name, source)
 
 
 def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
@@ -328,7 +339,7 @@ def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
     spec = CorpusSpec(train=args.train_utterances, test=held_out, dev=held_out, seed=args.seed)
     rebuilt = args.fresh or not corpus_matches(demo.corpus, spec)
     if rebuilt:
-        make_corpus(demo.corpus, spec)
+        make_corpus(demo.corpus, spec, progress=lambda line: print(f"   {line}", flush=True))
     demo.times["corpus"] = time.time() - t
     return spec, rebuilt
 
@@ -356,34 +367,18 @@ def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> N
         ]
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-spec.clips(split) // 8))
-        cmd += ["--max-samples", str(per_shard), "--overwrite", "--quiet"]
+        # Not --quiet: the pack's own lines (skips, its report) reach the log.
+        # TODO(merge): once `audio-llm pack` writes a progress line every 10 s to a non-terminal,
+        # widen PROGRESS (above) to match it, so that `_run` echoes the pack's progress too.
+        cmd += ["--max-samples", str(per_shard), "--overwrite"]
         # one process: the frozen encoder uses every core
         _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)
     demo.times["pack"] = time.time() - t
 
 
-def _training_overrides(demo: _Demo, models: dict, overrides: list[str]) -> list[str]:
-    """The config and overrides both training stages share."""
-    args, shards = demo.args, demo.shards
-    return [
-        "--config",
-        str(REPO / "launch" / "configs" / "demo.yaml"),
-        f"model.encoder={models['whisper']}",
-        f"model.llm={models['qwen2vl']}",
-        f"data.train_shards={shards / 'train'}",
-        f"data.eval_shards={shards / 'dev'}",  # the WER before and after stage 1
-        f"data.seed={args.seed}",
-        f"train.seed={args.seed}",
-        f"eval.ctc_weight={args.ctc_weight}",  # WER before training decodes as the final eval
-        *overrides,
-        "--resume",
-        "none",
-    ]
-
-
-def _train_stage(demo: _Demo, stage: str, common: list[str], steps: int, extra: list[str]) -> dict:
-    """`deepspeed --num_gpus 2 launch/<stage>.py` (ZeRO-2) into `out/<stage>`, for `steps` steps
-    with the `extra` overrides; records its seconds and returns its summary.json."""
+def _train_stage(demo: _Demo, models: dict, encoder: str, stage: str) -> dict:
+    """`deepspeed --num_gpus 2 launch/<stage>.py` (ZeRO-2) with the recipe's file and the demo's
+    overrides, into `out/<stage>`; records its seconds and returns its summary.json."""
     cmd = [
         _bin("deepspeed"),
         "--num_gpus",
@@ -393,29 +388,33 @@ def _train_stage(demo: _Demo, stage: str, common: list[str], steps: int, extra: 
         str(REPO / "launch" / f"{stage}.py"),
         "--deepspeed_config",
         str(REPO / "ds_configs" / "zero2.json"),
+        "--config",
+        str(recipe_file(encoder, stage)),
+        *stage_overrides(demo.args, demo.out, models, stage),
+        "--resume",
+        "none",
     ]
-    cmd += [*common, f"train.out_dir={demo.out / stage}", f"train.max_steps={steps}", *extra]
     demo.times[stage] = _run(cmd, demo.logs / f"{stage}.log")
     return json.loads((demo.out / stage / "summary.json").read_text())
 
 
-def _phase_stage1(demo: _Demo, common: list[str]) -> dict:
-    """4/6: the projector alone, with the WER before training; returns its summary.json."""
-    steps = demo.args.stage1_steps
+def _phase_stage1(demo: _Demo, models: dict, encoder: str) -> dict:
+    """4/6: the projector alone, with the WER on dev before and after; returns its summary.json."""
+    steps = demo.configs["stage1"].train.max_steps
     print(f"== 4/6 stage 1: projector, {steps} steps, deepspeed --num_gpus 2 (ZeRO-2)")
-    # WER before training, then at the end
-    return _train_stage(demo, "stage1", common, steps, ["eval.every=1000000", "eval.at_start=true"])
+    print(f"   recipe: {_shown(recipe_file(encoder, 'stage1'))}")
+    return _train_stage(demo, models, encoder, "stage1")
 
 
-def _phase_stage2(demo: _Demo, common: list[str]) -> dict:
+def _phase_stage2(demo: _Demo, models: dict, encoder: str) -> dict:
     """5/6: projector + LoRA, from stage 1's projector; returns its summary.json."""
-    args = demo.args
-    print(f"== 5/6 stage 2: projector + LoRA, {args.stage2_steps} steps")
-    extra = [
-        f"train.lr={args.stage2_lr}",
-        f"model.projector_init={demo.out / 'stage1' / 'export' / 'projector.safetensors'}",
-    ]
-    return _train_stage(demo, "stage2", common, args.stage2_steps, extra)
+    print(f"== 5/6 stage 2: projector + LoRA, {demo.configs['stage2'].train.max_steps} steps")
+    print(f"   recipe: {_shown(recipe_file(encoder, 'stage2'))}")
+    return _train_stage(demo, models, encoder, "stage2")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _phase_eval(demo: _Demo) -> dict[str, dict]:
@@ -424,10 +423,10 @@ def _phase_eval(demo: _Demo) -> dict[str, dict]:
     returns each eval's summary.json by name."""
     print("== 6/6 audio-llm eval on both held-out sets (2 ranks): joint CTC/LLM, then LLM alone")
     t = time.time()
-    args, out = demo.args, demo.out
+    out, decoding = demo.out, demo.configs["stage2"].eval  # the recipe's stage-2 eval section
     results = {}
     for split in TESTS:
-        for name, weight in ((split, args.ctc_weight), (f"{split}_llm_only", 0.0)):
+        for name, weight in ((split, decoding.ctc_weight), (f"{split}_llm_only", 0.0)):
             cmd = [
                 _bin("torchrun"),
                 "--nproc_per_node",
@@ -438,9 +437,9 @@ def _phase_eval(demo: _Demo) -> dict[str, dict]:
                 "audio_llm.cli",
             ]
             cmd += ["eval", "--run-dir", str(out / "stage2"), "--shards", str(demo.shards / split)]
-            cmd += ["--out", str(out / "eval" / name), "--batch-size", "32"]
-            cmd += ["--max-new-tokens", "48", "--ctc-weight", str(weight)]
-            cmd += ["--beams", str(args.beams if weight > 0 else 1)]
+            cmd += ["--out", str(out / "eval" / name), "--batch-size", str(decoding.batch_size)]
+            cmd += ["--max-new-tokens", str(decoding.max_new_tokens), "--ctc-weight", str(weight)]
+            cmd += ["--beams", str(decoding.num_beams if weight > 0 else 1)]
             _run(cmd, demo.logs / f"eval_{name}.log")
             results[name] = json.loads((out / "eval" / name / "summary.json").read_text())
     demo.times["eval"] = time.time() - t
@@ -460,16 +459,18 @@ def _phase_summary(
     return it."""
     args, times = demo.args, demo.times
     train_seconds = times["stage1"] + times["stage2"]
+    steps = {stage: demo.configs[stage].train.max_steps for stage in STAGES}
+    decoding = demo.configs["stage2"].eval
     summary = {
         "encoder": encoder[0],
         "encoder_source": encoder[1],
         "wer_before": s1["eval_wer"].get("0"),
         # stage 1 ends with an eval (the projector alone, LoRA not yet added): inside its time
-        "wer_after_stage1": s1["eval_wer"].get(str(args.stage1_steps)),
+        "wer_after_stage1": s1["eval_wer"].get(str(steps["stage1"])),
         "wer_after": results["test_seen_voices"]["wer"],
         "wer_unseen_voice": results["test_unseen_voice"]["wer"],
         "wer_after_interval": results["test_seen_voices"].get("bootstrap"),
-        "decoding": {"ctc_weight": args.ctc_weight, "beams": args.beams},
+        "decoding": {"ctc_weight": decoding.ctc_weight, "beams": decoding.num_beams},
         "wer_after_llm_only": results["test_seen_voices_llm_only"]["wer"],
         "wer_unseen_voice_llm_only": results["test_unseen_voice_llm_only"]["wer"],
         "train_seconds": round(train_seconds, 1),
@@ -478,7 +479,7 @@ def _phase_summary(
         "train_seconds_with_llm_pretraining": round(train_seconds + times["llm_pretraining"], 1),
         "total_seconds": round(time.time() - demo.began, 1),
         "phase_seconds": {k: round(v, 1) for k, v in times.items()},
-        "steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps},
+        "steps": steps,
         "final_loss": {"stage1": _last(s1["losses"]), "stage2": _last(s2["losses"])},
         "reading_loss": built["reading_loss"],
         "llm_pretraining_reused": built["reused"],
@@ -496,8 +497,9 @@ def _pct(x: float | None) -> str:
 
 def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) -> None:
     """The results in the terminal: WER before and after, times, and what to try next."""
-    args, times, out = demo.args, demo.times, demo.out
+    times, out = demo.times, demo.out
     train_seconds = times["stage1"] + times["stage2"]
+    decoding = summary["decoding"]
     print()
     print(f"encoder: {summary['encoder']}")
     print(f"WER before training (dev set, seen voices): {_pct(summary['wer_before'])}")
@@ -505,12 +507,12 @@ def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) ->
     print(f"WER after, seen voices, unseen word sequences: {_pct(summary['wer_after'])}")
     print(f"WER after, unseen voice ({spec.unseen_voice}): {_pct(summary['wer_unseen_voice'])}")
     print(
-        f"(joint CTC/LLM decoding at weight {args.ctc_weight:g}, beam {args.beams}; the LLM "
-        "alone, greedy: "
+        f"(joint CTC/LLM decoding at weight {decoding['ctc_weight']:g}, beam {decoding['beams']}; "
+        "the LLM alone, greedy: "
         f"{_pct(summary['wer_after_llm_only'])} seen, "
         f"{_pct(summary['wer_unseen_voice_llm_only'])} unseen voice)"
     )
-    steps = f"stage 1 {args.stage1_steps}, stage 2 {args.stage2_steps}"
+    steps = f"stage 1 {summary['steps']['stage1']}, stage 2 {summary['steps']['stage2']}"
     print(f"steps: {steps}; training {train_seconds:.0f} s")
     again = ", built by an earlier run and reused" if built["reused"] else ""
     if built["shipped"]:
@@ -523,8 +525,8 @@ def _print_summary(demo: _Demo, summary: dict, built: dict, spec: CorpusSpec) ->
     print(f"summary: {out / 'summary.json'}")
     print(f"TensorBoard: tensorboard --logdir {out}")
     example = demo.corpus / "test_unseen_voice" / "test_unseen_voice-0000.flac"
-    cli = f"{_bin('audio-llm')} transcribe --run {out / 'stage2'} --ctc-weight {args.ctc_weight:g}"
-    cli += f" --beams {args.beams}"
+    cli = f"{_bin('audio-llm')} transcribe --run {out / 'stage2'}"
+    cli += f" --ctc-weight {decoding['ctc_weight']:g} --beams {decoding['beams']}"
     print(f"try it: {cli} {example}")
 
 

