@@ -76,6 +76,17 @@ def test_local_shards_named_by_a_pattern_must_exist(tiny_models, tmp_path):
         check_start(run_paths(tiny_models, data={"train_shards": spec}), "ds_configs/zero2.json")
 
 
+def test_each_source_of_a_mixture_is_checked_and_named(tiny_models, tmp_path):
+    from audio_llm.train.trainer import check_start
+
+    sources = f"[{{shards: {SHARDS}, weight: 0.8}}, {{shards: {tmp_path}/gone, weight: 0.2}}]"
+    cfg = run_paths(tiny_models, data={"train_shards": sources})
+    with pytest.raises(AudioLLMError, match=r"1 problem") as error:
+        check_start(cfg, "ds_configs/zero2.json")
+    assert "data.train_shards[1] (gone): shards" in str(error.value)
+    assert "data.train_shards[0]" not in str(error.value)
+
+
 def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
     import audio_llm.train.trainer as train
     from audio_llm.cli.stage import stage_main
