@@ -102,17 +102,24 @@ def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Pat
     ]
     if cfg.data.eval_shards:
         shard_sets.append(("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_index))
+    train_modes = {}  # a mixture's sources must hold one kind of payload
     for key, spec, index in shard_sets:
         try:
             shards = ShardSet.open(spec, index)  # the index exists and lists every shard
         except AudioLLMError as exc:
             problems.append(f"{key}: {exc}")
             continue
+        if key.startswith("data.train_shards"):
+            train_modes[key] = shards.mode
         # URL specs are only matched against the index; local ones must exist too.
         local = [s.url for s in shards.shards if not urlparse(s.url).scheme]
         absent = [url for url in local if not Path(url).is_file()]
         if absent:
             problems.append(f"{key}: {len(absent)} shard(s) do not exist, e.g. {absent[0]}")
+    if len(set(train_modes.values())) > 1:
+        problems.append(
+            f"data.train_shards mixes packing modes {train_modes}: repack to one --mode"
+        )
     try:
         resolve_resume(resume, cfg.train.out_dir)
     except AudioLLMError as exc:

@@ -1,6 +1,7 @@
 """train.trainer's start-up checks (`check_start`): every path a run reads is checked, and named,
 before any model loads."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,15 @@ def test_each_source_of_a_mixture_is_checked_and_named(tiny_models, tmp_path):
         check_start(cfg, "ds_configs/zero2.json")
     assert "data.train_shards[1] (gone): shards" in str(error.value)
     assert "data.train_shards[0]" not in str(error.value)
+    mel = tmp_path / "mel"  # an index that says mel: the sources would need two collators
+    mel.mkdir()
+    (mel / "shard-000000.tar").write_bytes((SHARDS / "shard-000000.tar").read_bytes())
+    entry = {"name": "shard-000000.tar", "samples": 6, "seconds": 9.0}
+    index = {"format_version": 1, "mode": "mel", "features": {}, "shards": [entry]}
+    (mel / "index.json").write_text(json.dumps(index))
+    sources = f"[{{shards: {SHARDS}}}, {{shards: {mel}}}]"
+    with pytest.raises(AudioLLMError, match="mixes packing modes"):
+        check_start(run_paths(tiny_models, data={"train_shards": sources}), "ds_configs/zero2.json")
 
 
 def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
