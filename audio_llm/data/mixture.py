@@ -157,6 +157,10 @@ class MixedStream(ShardStream):
             raise AudioLLMError(f"data.train_shards source {source.name!r}: {exc}") from exc
         return plan.assignments
 
+    def _slot_samples(self, position: int, worker: int, epoch: int) -> int:
+        """Samples the index lists in this rank's `worker`'s shards of a source's epoch."""
+        return sum(s.samples for s in self.deal(position, epoch)[(self.rank, worker)])
+
     # -- the stages ---------------------------------------------------------------------------
     def choices(self, worker: int) -> Iterator[int]:
         """The source of each item `worker` draws this round, in order (module doc: the choice)."""
@@ -188,7 +192,7 @@ class MixedStream(ShardStream):
             if not self.bucket_by_length:  # bucketing shuffles in its own buffer
                 rng = slot.rng("source_shuffle", position)
                 items = stages.shuffle(items, rng, self.shuffle_buffer)
-            samples = sum(s.samples for s in shards)
+            samples = sum(s.samples for s in shards)  # `_slot_samples` without a second deal
             taken = 0
             for taken, item in enumerate(items, 1):
                 if epoch == start_epoch and taken <= skip:
@@ -212,7 +216,10 @@ class MixedStream(ShardStream):
         slot = Slot(self.seed, self.epoch, self.rank, worker)
         quota = plan.quotas[(self.rank, worker)]
         problems = Problems()
-        at = [SourcePosition(*start) for start in self.starts[worker]]  # copied now, not lazily
+        at = [  # copied now, not lazily: the loader moves `starts` on at the round's end
+            SourcePosition(epoch, taken, self._slot_samples(i, worker, epoch))
+            for i, (epoch, taken) in enumerate(self.starts[worker])
+        ]
         items = self.mixed(worker, at, problems)
         if self.bucket_by_length:
             count = self.round_items(worker)

@@ -83,7 +83,12 @@ def test_a_small_source_starts_its_next_epoch_without_stopping_the_big_one(
     cfg = mix_config(shard_dirs["audio"], small_source, weights=(0.5, 0.5), batch_size=4)
     loader = build_train_loader(cfg, layout_of(model))
     assert loader.batches_per_epoch == (40 + SMALL_CLIPS) // 4  # a round: all sources' samples
-    keys = [k for b in take(loader, loader.batches_per_epoch) for k in b["keys"]]
+    keys, epochs = [], []
+    for batch in take(loader, loader.batches_per_epoch + 3):  # into the next round
+        keys += batch["keys"]
+        epochs.append(loader.epochs())
+    assert (np.diff(np.array(epochs), axis=0) >= 0).all()  # no source's count of epochs drops
+    keys = keys[: loader.batches_per_epoch * 4]
     small = [k for k in keys if source_of(k) == "small"]
     big = [k for k in keys if source_of(k) == "big"]
     assert len(small) == len(big) == 26
@@ -93,8 +98,19 @@ def test_a_small_source_starts_its_next_epoch_without_stopping_the_big_one(
     assert small[:SMALL_CLIPS] != small[SMALL_CLIPS : 2 * SMALL_CLIPS]  # reshuffled
     # ... while the big one is still in its first: no clip twice
     assert len(set(big)) == len(big)
-    small_epochs, big_epochs = loader.epochs()[1], loader.epochs()[0]
+    big_epochs, small_epochs = epochs[loader.batches_per_epoch - 1]
     assert 2 < small_epochs < 3 and 0.5 < big_epochs < 1
+
+
+def test_epochs_per_source_never_drop_at_a_round_boundary(shard_dirs, small_source, model):
+    cfg = mix_config(shard_dirs["audio"], small_source, weights=(0.9, 0.1), batch_size=2)
+    loader = build_train_loader(cfg, layout_of(model))
+    it, epochs = iter(loader), []
+    for _ in range(loader.batches_per_epoch + 6):  # a rare source: not drawn at once
+        next(it)
+        epochs.append(loader.epochs())
+    assert (np.diff(np.array(epochs), axis=0) >= 0).all()
+    assert epochs[-1][1] > 0
 
 
 @pytest.mark.parametrize(("workers", "bucket"), [(0, False), (2, False), (0, True)])
