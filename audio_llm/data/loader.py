@@ -56,6 +56,11 @@ class ShardLoader:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:  # `data.mixture.MixedLoader` reads it; dropping it would mislead
+            raise AudioLLMError(
+                f"the saved data position is for the mixture {state['mixture'].get('names')}, "
+                "this run reads one corpus: resume with the same data.train_shards list"
+            )
         if len(state["consumed"]) != self.workers:
             raise AudioLLMError(
                 f"the saved data position is for {len(state['consumed'])} loader workers, this "

@@ -327,11 +327,12 @@ class MixedLoader(ShardLoader):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict({k: v for k, v in state.items() if k != "mixture"})
         mix = state.get("mixture") or {}
         if mix.get("names") != self.names:
+            saved = f"the sources {mix['names']}" if mix else "one corpus"
             raise AudioLLMError(
-                f"the saved data position is for the sources {mix.get('names')}, this run mixes "
+                f"the saved data position is for {saved}, this run mixes "
                 f"{self.names}: resume with the same data.train_shards list (names and order)"
             )
         self.round = int(mix["round"])

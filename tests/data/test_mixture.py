@@ -198,6 +198,12 @@ def test_resume_refuses_other_sources(shard_dirs, small_source, model):
     )
     with pytest.raises(AudioLLMError, match="resume with the same data.train_shards list"):
         build_train_loader(other, layout_of(model)).load_state_dict(state)
+    plain = DataConfig(train_shards=str(small_source), batch_size=4, num_workers=0)
+    with pytest.raises(AudioLLMError, match=r"for the mixture \['big', 'small'\]"):
+        build_train_loader(plain, layout_of(model)).load_state_dict(state)
+    single_state = build_train_loader(plain, layout_of(model)).state_dict()
+    with pytest.raises(AudioLLMError, match="is for one corpus, this run mixes"):
+        build_train_loader(cfg, layout_of(model)).load_state_dict(single_state)
 
 
 def test_sources_must_share_a_mode(shard_dirs, small_source, model):
