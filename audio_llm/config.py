@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,9 +106,34 @@ class LoraConfig:
 
 
 @dataclass
+class ShardSource:
+    """One corpus of a weighted mixture: an entry of `data.train_shards` given as a list."""
+
+    shards: str = opt("", "This corpus's shards: a packed folder, or brace/pipe: URLs; required.")
+    weight: float = opt(
+        1.0, "Share of the training samples drawn from it, relative to the other weights (> 0)."
+    )
+    index: str = opt("", "index.json for URL shards (a packed folder has its own).")
+    name: str = opt("", "Name in metrics and summary.json (default: the shards' folder name).")
+
+
+def source_name(source: ShardSource, position: int) -> str:
+    """`source.name`, or a metric-safe name from its shards' folder (`source{position}`)."""
+    if source.name:
+        return source.name
+    path = Path(source.shards.split("::")[0].split()[-1] if source.shards.strip() else "")
+    stem = path.parent.name if path.name == "index.json" or "{" in path.name else path.name
+    stem = re.sub(r"[^\w.-]", "_", stem.removesuffix(".tar"))
+    return stem or f"source{position}"
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = opt(
-        "", "Training shards: a packed folder (or its index.json), or brace/pipe: URLs."
+    train_shards: str | list[ShardSource] = opt(  # noqa: RUF009 (the default is "")
+        "",
+        "Training shards: a packed folder (or its index.json), or brace/pipe: URLs. Or several "
+        "corpora mixed by weight, a list of {shards, weight, index, name} (see ShardSource): "
+        "each step's samples come from them in proportion to the weights.",
     )
     train_index: str = opt("", "index.json for URL shard specs (a packed folder has its own).")
     eval_shards: str = opt("", "Held-out shards for WER during training (same forms).")
@@ -153,6 +180,8 @@ class DataConfig:
     seed: int = opt(0, "Seeds shard order, shuffling and augmentation (with epoch, rank, worker).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_shards, list):
+            self._check_sources()
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.max_length >= 16, f"data.max_length must be >= 16 (got {self.max_length})")
@@ -172,6 +201,57 @@ class DataConfig:
             budget == 0 or budget >= 30,
             f"data.max_batch_seconds={budget:g} is less than one 30 s clip: set it >= 30 "
             "(or 0 for fixed batch_size)",
+        )
+
+    @property
+    def mixed(self) -> bool:
+        """Several corpora mixed by weight (`train_shards` given as a list)."""
+        return isinstance(self.train_shards, list)
+
+    def sources(self) -> list[ShardSource]:
+        """The training corpora, names filled in: the list, or the one `train_shards` string
+        (weight 1, `train_index`)."""
+        if not self.mixed:
+            one = ShardSource(self.train_shards, 1.0, self.train_index)
+            return [dataclasses.replace(one, name=source_name(one, 0))]
+        return [
+            dataclasses.replace(s, name=source_name(s, i)) for i, s in enumerate(self.train_shards)
+        ]
+
+    def _check_sources(self) -> None:
+        """A list of sources: each names its shards, weights are > 0, names are distinct."""
+        sources = self.train_shards
+        _check(
+            len(sources) > 0,
+            "data.train_shards is an empty list: give a packed folder, or a list of "
+            "{shards: DIR, weight: W} entries",
+        )
+        _check(
+            not self.train_index,
+            "data.train_index is for a single train_shards string; with a list, give each "
+            "URL source its own 'index'",
+        )
+        for i, source in enumerate(sources):
+            where = f"data.train_shards[{i}]"
+            _check(
+                bool(source.shards.strip()),
+                f"{where} has no 'shards': every source needs shards: DIR (a packed folder) "
+                "or URLs, e.g. {shards: /data/ls, weight: 0.8}",
+            )
+            _check(
+                math.isfinite(source.weight) and source.weight > 0,
+                f"{where}.weight must be a number > 0 (got {source.weight!r}); leave a corpus "
+                "out of the list rather than weighting it 0",
+            )
+            _check(
+                re.fullmatch(r"[\w.-]*", source.name) is not None,
+                f"{where}.name {source.name!r} may hold only letters, digits, '_', '.', '-'",
+            )
+        names = [s.name for s in self.sources()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _check(
+            not twice,
+            f"data.train_shards: sources named {twice} more than once: give each a distinct 'name'",
         )
 
 
@@ -274,7 +354,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        # a list goes to the union's list alternative (data.train_shards: str | list[...])
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists and isinstance(value, dict):
+            raise AudioLLMError(
+                f"{where} must be a string or a list (got a mapping): write each entry as a "
+                "list item, e.g. [{shards: DIR, weight: 0.8}, {shards: DIR2, weight: 0.2}]"
+            )
+        return _coerce(value, lists[0] if lists and isinstance(value, list) else args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise AudioLLMError(f"{where} must be a list (got {value!r})")
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -361,4 +455,8 @@ def explain(cls: type = Config, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+        for part in typing.get_args(tp):  # list entries' fields: data.train_shards[].weight
+            (item,) = typing.get_args(part) or (None,)
+            if typing.get_origin(part) is list and dataclasses.is_dataclass(item):
+                lines.extend(explain(item, f"{prefix}{f.name}[]."))
     return lines

@@ -77,3 +77,50 @@ def test_cli_prints_resolved_yaml(capsys):
     assert printed["train"]["max_steps"] == 12
     assert main(["config", "train.max_steps=zero"]) == 2
     assert "train.max_steps must be an integer" in capsys.readouterr().err
+
+
+# -- data.train_shards as a weighted mixture ---------------------------------------------------
+MIX = "data.train_shards=[{shards: /d/ls, weight: 0.8}, {shards: /d/cv/, weight: 0.2, name: cv2}]"
+
+
+def test_train_shards_list_is_a_mixture_that_round_trips(tmp_path):
+    cfg = load_config(None, [MIX])
+    assert cfg.data.mixed
+    assert [(s.name, s.weight) for s in cfg.data.sources()] == [("ls", 0.8), ("cv2", 0.2)]
+    path = tmp_path / "run.yaml"  # the trainer writes config.yaml this way; resume reads it
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert load_config(path).data.sources() == cfg.data.sources()
+    single = load_config(None, ["data.train_shards=/d/ls", "data.train_index=/i.json"]).data
+    assert not single.mixed and single.train_shards == "/d/ls"  # a string stays a string
+    assert [(s.shards, s.index, s.weight) for s in single.sources()] == [("/d/ls", "/i.json", 1)]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[{weight: 0.5}]", r"data.train_shards\[0\] has no 'shards'"),
+        ("[{shards: a, weight: 1}, {shards: b, weight: 0}]", r"\[1\].weight must be a number > 0"),
+        ("[{shards: a, weight: -1}]", r"\[0\].weight must be a number > 0"),
+        ("[{shards: a, weight: .inf}]", r"\[0\].weight must be a number > 0"),
+        ("[{shards: a, weight: x}]", r"\[0\].weight must be a number"),
+        ("[{shards: a, weigth: 1}]", r"did you mean data.train_shards\[0\].weight"),
+        ("[]", "empty list"),
+        ("[a, b]", r"\[0\] must be a mapping"),
+        ("{shards: a, weight: 1}", "must be a string or a list"),
+        ("[{shards: x/a}, {shards: y/a}]", r"named \['a'\] more than once"),
+        ("[{shards: a, name: 'no/slash'}]", "may hold only letters"),
+    ],
+)
+def test_train_shards_list_errors_name_the_entry(value, message):
+    with pytest.raises(AudioLLMError, match=message):
+        load_config(None, [f"data.train_shards={value}"])
+
+
+def test_train_index_with_a_list_is_refused():
+    with pytest.raises(AudioLLMError, match="give each URL source its own 'index'"):
+        load_config(None, [MIX, "data.train_index=/i.json"])
+
+
+def test_explain_lists_the_source_fields():
+    lines = explain()
+    assert any(line.startswith("data.train_shards[].weight = 1.0") for line in lines)

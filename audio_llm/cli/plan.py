@@ -82,6 +82,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"keeping {MEMORY_HEADROOM * 100:.0f}%% free, and the largest micro batch that does"
         ),
     )
+    p.add_argument(
+        "--mix",
+        action="append",
+        type=_mix_entry,
+        default=[],
+        metavar="NAME=HOURS:WEIGHT",
+        help=(
+            "a corpus of a weighted mixture (repeat per corpus, as data.train_shards lists them): "
+            "the epoch becomes their hours together, with passes and time per pass of each"
+        ),
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -89,7 +100,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan the setup the flags describe and print it (as text, or as JSON with `--json`)."""
     names = {f.name for f in dataclasses.fields(PlanSpec)}
-    spec = PlanSpec(**{k: v for k, v in vars(args).items() if k in names})
+    options = {k: v for k, v in vars(args).items() if k in names}
+    spec = PlanSpec(**{**options, "mix": tuple(options.get("mix", ()))})
     plan = make_plan(spec)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def _mix_entry(text: str) -> tuple[str, float, float]:
+    """`read=960:0.8` -> ("read", 960.0, 0.8)."""
+    name, _, rest = text.partition("=")
+    hours, _, weight = rest.partition(":")
+    try:
+        return name.strip(), float(hours), float(weight)
+    except ValueError:
+        message = f"{text!r}: write NAME=HOURS:WEIGHT, e.g. read=960:0.8"
+        raise argparse.ArgumentTypeError(message) from None

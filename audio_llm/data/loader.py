@@ -47,7 +47,20 @@ class ShardLoader:
             "problems": dict(self.problems),
         }
 
+    def source_metrics(self) -> dict[str, float]:
+        """Per-source metrics of a mixture (`data.mixture.MixedLoader`); one corpus: none."""
+        return {}
+
+    def source_summary(self) -> dict[str, dict]:
+        """Per-source totals for `summary.json` (`data.mixture.MixedLoader`); one corpus: none."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:  # `data.mixture.MixedLoader` reads it; dropping it would mislead
+            raise AudioLLMError(
+                f"the saved data position is for the mixture {state['mixture'].get('names')}, "
+                "this run reads one corpus: resume with the same data.train_shards list"
+            )
         if len(state["consumed"]) != self.workers:
             raise AudioLLMError(
                 f"the saved data position is for {len(state['consumed'])} loader workers, this "
@@ -122,23 +135,29 @@ def build_loader(
     the run's model), build a loader."""
     shards = ShardSet.open(spec, index)
     check_compatible(shards, layout)
-    stream = ShardStream(
-        shards,
-        layout,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        features_on=cfg.features_on,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed + seed_offset,
-        shuffle_buffer=cfg.shuffle_buffer,
-        long_audio=cfg.long_audio,
-        bucket_by_length=cfg.bucket_by_length,
-        align_ranks=cfg.align_ranks,
-        max_batch_seconds=cfg.max_batch_seconds,
-        augment=SpecAugment(
+    options = stream_options(cfg, rank=rank, world_size=world_size, seed_offset=seed_offset)
+    stream = ShardStream(shards, layout, **options)
+    return ShardLoader(stream)
+
+
+def stream_options(
+    cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed_offset: int = 0
+) -> dict:
+    """`ShardStream`'s keyword arguments from the data config (one corpus or a mixture)."""
+    return {
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "features_on": cfg.features_on,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": cfg.num_workers,
+        "seed": cfg.seed + seed_offset,
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "long_audio": cfg.long_audio,
+        "bucket_by_length": cfg.bucket_by_length,
+        "align_ranks": cfg.align_ranks,
+        "max_batch_seconds": cfg.max_batch_seconds,
+        "augment": SpecAugment(
             cfg.time_masks, cfg.time_mask_seconds, cfg.feature_masks, cfg.feature_mask_fraction
         ),
-    )
-    return ShardLoader(stream)
+    }

@@ -104,13 +104,15 @@ class Item:
     `raw`: the tar members read (`__key__`, `__url__`, `json`, the payload's bytes); `meta`: the
     parsed json; `frames`: valid frames after the 30 s policy (mel frames, or encoder frames for
     encoder shards); `pass_no`: the read over the worker's shards it came from (0: the first);
-    `example`: its token ids and labels (set by `tokenize`)."""
+    `example`: its token ids and labels (set by `tokenize`); `source`: the corpus of a weighted
+    mixture it came from (`data.mixture`; 0 otherwise)."""
 
     raw: dict
     meta: dict
     frames: int
     pass_no: int = 0
     example: Example | None = None
+    source: int = 0
 
     @property
     def where(self) -> str:

@@ -143,7 +143,7 @@ def training_clip_seconds(
         return None
     data = load_config(config).data
     try:
-        shards = ShardSet.open(data.train_shards, data.train_index).shards
+        shards = [s for src in data.sources() for s in ShardSet.open(src.shards, src.index).shards]
     except AudioLLMError:
         return None  # no shards named, or moved since training
     local = [s.url for s in shards if Path(s.url).is_file()]

@@ -50,6 +50,11 @@ FLOPs per sample come from `planning.flops` for a sample of the mean length (bat
 included: length-bucketed batches keep it under 5%). Time per epoch = epoch hours of audio /
 mean clip length x FLOPs per sample / (GPUs x peak x MFU).
 
+A weighted mixture (`--mix NAME=HOURS:WEIGHT`, as `data.train_shards` lists sources) makes the
+epoch the loader's round: as many samples as the sources hold together (their hours), a share
+weight / sum of weights of them from each source. Each source's line says how many passes over
+it an epoch makes and how long one pass takes (clips of the same mean length assumed).
+
 The command line (flags and printing) is `audio_llm.cli.plan`.
 """
 
@@ -104,6 +109,7 @@ class PlanSpec:
     peak_tflops: float = H100_BF16_TFLOPS
     epoch_hours: float = 960.0
     gpu_memory: float = 80.0  # GiB per GPU (H100/A100 80 GB)
+    mix: tuple[tuple[str, float, float], ...] = ()  # (name, hours, weight) of mixed corpora
 
     def __post_init__(self) -> None:
         checks = [
@@ -127,6 +133,9 @@ class PlanSpec:
             (self.epoch_hours > 0, f"--epoch-hours must be > 0 (got {self.epoch_hours})"),
             (self.gpu_memory > 0, f"--gpu-memory must be > 0 GiB (got {self.gpu_memory})"),
         ]
+        for name, hours, weight in self.mix:
+            checks.append((hours > 0, f"--mix {name}: hours must be > 0 (got {hours:g})"))
+            checks.append((weight > 0, f"--mix {name}: weight must be > 0 (got {weight:g})"))
         for ok, message in checks:
             if not ok:
                 raise AudioLLMError(message)
@@ -372,7 +381,8 @@ def make_plan(spec: PlanSpec) -> dict:
         "fit": _fit(spec, states, memory["total"], activations_for),
         "model_states_cross_check": _cross_check(spec, counts, states),
         "flops_per_sample": {**dataclasses.asdict(flops), "total": flops.total},
-        "epoch": _epoch(spec, flops),
+        "epoch": (epoch := _epoch(spec, flops)),
+        "mixture": _mixture(spec, epoch),
     }
 
 
@@ -465,16 +475,37 @@ def _cross_check(spec: PlanSpec, counts: ParamCounts, states: dict[str, float]) 
 
 def _epoch(spec: PlanSpec, flops: Flops) -> dict:
     """Samples, FLOPs and seconds of one epoch at `spec.mfu` of the GPUs' peak."""
-    samples = spec.epoch_hours * 3600 / spec.audio_seconds
+    hours = sum(h for _, h, _ in spec.mix) if spec.mix else spec.epoch_hours
+    samples = hours * 3600 / spec.audio_seconds
     epoch_flops = samples * flops.total
     rate = spec.gpus * spec.peak_tflops * 1e12 * spec.mfu
     return {
-        "hours_of_audio": spec.epoch_hours,
+        "hours_of_audio": hours,
         "samples": samples,
         "flops": epoch_flops,
         "seconds": epoch_flops / rate,
         "samples_per_s_per_gpu": rate / flops.total / spec.gpus,
     }
+
+
+def _mixture(spec: PlanSpec, epoch: dict) -> list[dict]:
+    """Per mixed source: its share of the samples, hours and passes over it per epoch, and the
+    time one pass takes."""
+    total = sum(w for *_, w in spec.mix)
+    out = []
+    for name, hours, weight in spec.mix:
+        trained = epoch["hours_of_audio"] * weight / total
+        out.append(
+            {
+                "name": name,
+                "hours": hours,
+                "share": weight / total,
+                "hours_per_epoch": trained,
+                "passes_per_epoch": trained / hours,
+                "seconds_per_pass": epoch["seconds"] * hours / trained,
+            }
+        )
+    return out
 
 
 # -- text report -----------------------------------------------------------------------------
@@ -538,10 +569,16 @@ def format_plan(plan: dict) -> str:
         f"compute      {fl['total'] / 1e12:.2f} TFLOP per training sample (encoder "
         f"{fl['encoder'] / 1e12:.2f}, projector {fl['projector'] / 1e12:.3f}, "
         f"LLM {fl['llm'] / 1e12:.2f})",
-        f"epoch        {spec['epoch_hours']:g} h of audio = {_n(ep['samples'])} samples, "
+        f"epoch        {ep['hours_of_audio']:g} h of audio = {_n(ep['samples'])} samples, "
         f"{ep['flops'] / 1e18:.1f} EFLOP: {format_duration(ep['seconds'])} at MFU "
         f"{spec['mfu']:.0%} of {spec['peak_tflops']:g} TFLOP/s x {gpus} GPUs "
         f"({ep['samples_per_s_per_gpu']:.1f} samples/s per GPU)",
+        *(
+            f"  {m['name']:<10} {m['hours']:g} h, {m['share']:.0%} of the samples: "
+            f"{m['passes_per_epoch']:.2f} passes an epoch, one every "
+            f"{format_duration(m['seconds_per_pass'])}"
+            for m in plan.get("mixture", [])
+        ),
     ]
     return "\n".join(lines)
 

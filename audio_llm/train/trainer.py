@@ -27,7 +27,7 @@ import torch
 
 from audio_llm import dist
 from audio_llm.config import Config
-from audio_llm.data import ShardSet, build_loader, layout_of
+from audio_llm.data import ShardSet, build_train_loader, layout_of
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluation.evaluate import evaluate
 from audio_llm.evaluation.export import export_weights
@@ -92,20 +92,34 @@ def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Pat
         )
     elif cfg.model.projector_init and not Path(cfg.model.projector_init).is_file():
         problems.append(f"model.projector_init {cfg.model.projector_init!r}: no such file")
-    shard_sets = [("data.train_shards", cfg.data.train_shards, cfg.data.train_index)]
+    shard_sets = [
+        (
+            f"data.train_shards[{i}] ({s.name})" if cfg.data.mixed else "data.train_shards",
+            s.shards,
+            s.index,
+        )
+        for i, s in enumerate(cfg.data.sources())
+    ]
     if cfg.data.eval_shards:
         shard_sets.append(("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_index))
+    train_modes = {}  # a mixture's sources must hold one kind of payload
     for key, spec, index in shard_sets:
         try:
             shards = ShardSet.open(spec, index)  # the index exists and lists every shard
         except AudioLLMError as exc:
             problems.append(f"{key}: {exc}")
             continue
+        if key.startswith("data.train_shards"):
+            train_modes[key] = shards.mode
         # URL specs are only matched against the index; local ones must exist too.
         local = [s.url for s in shards.shards if not urlparse(s.url).scheme]
         absent = [url for url in local if not Path(url).is_file()]
         if absent:
             problems.append(f"{key}: {len(absent)} shard(s) do not exist, e.g. {absent[0]}")
+    if len(set(train_modes.values())) > 1:
+        problems.append(
+            f"data.train_shards mixes packing modes {train_modes}: repack to one --mode"
+        )
     try:
         resolve_resume(resume, cfg.train.out_dir)
     except AudioLLMError as exc:
@@ -309,14 +323,7 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         device=dist.device(),
         ctc_weight=cfg.train.ctc_weight,
     )
-    loader = build_loader(
-        cfg.data,
-        layout_of(model),
-        spec=cfg.data.train_shards,
-        index=cfg.data.train_index,
-        rank=rank,
-        world_size=world,
-    )
+    loader = build_train_loader(cfg.data, layout_of(model), rank=rank, world_size=world)
     ds = build_ds_config(ds_config, cfg, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_shape = ModelShape.from_model(model)  # before ZeRO-3 partitions the weights away
@@ -464,6 +471,7 @@ class Trainer:
             "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
             **{f"perf/{k}": v for k, v in skew.items()},
             **{f"data/{k}": v for k, v in problems.items()},
+            **self.loader.source_metrics(),  # a mixture's seconds and epochs per source; collective
             **_memory(),
         }
         self.logger.scalars(step, metrics)
@@ -521,6 +529,7 @@ class Trainer:
         """Check that every rank holds the same weights; write and return the summary."""
         digests = dist.all_gather_object(_trainable_digest(self.engine))
         problems = dist.sum_counts(self.loader.problems)  # all ranks' totals, as in metrics.jsonl
+        sources = self.loader.source_summary()  # a mixture's totals per source; collective
         if len(set(digests)) != 1:
             raise AudioLLMError(f"trainable parameters differ across ranks: {digests}")
         self.logger.close()
@@ -533,6 +542,7 @@ class Trainer:
             "trainable_parameters": self.trainable,
             "parameter_digests": digests,
             "data_problems": problems,
+            **({"data_sources": sources} if sources else {}),
             "eval_wer": self.eval_history,
             "wall_seconds": time.time() - self.began,
             "run_dir": str(self.run_dir),

@@ -248,3 +248,24 @@ def test_help_documents_gpu_memory(capsys):
         main(["plan", "--help"])
     assert done.value.code == 0
     assert "GiB of memory per GPU (default 80)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_mixture_sets_the_epoch_and_each_source_passes(capsys):
+    mix = (("read", 960.0, 0.8), ("chat", 100.0, 0.2))
+    plan = make_plan(PlanSpec(llm="qwen2-vl-2b", mix=mix))
+    assert plan["epoch"]["hours_of_audio"] == 1060  # a round: the sources' hours together
+    read, chat = plan["mixture"]
+    assert read["passes_per_epoch"] == pytest.approx(1060 * 0.8 / 960)
+    assert chat["passes_per_epoch"] == pytest.approx(1060 * 0.2 / 100)
+    seconds = plan["epoch"]["seconds"]
+    assert chat["seconds_per_pass"] == pytest.approx(seconds / chat["passes_per_epoch"])
+    argv = ["plan", "--llm", "qwen2-vl-2b", "--mix", "read=960:0.8", "--mix", "chat=100:0.2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch        1060 h of audio" in out
+    assert "chat       100 h, 20% of the samples: 2.12 passes an epoch" in out
+    with pytest.raises(SystemExit):  # argparse's own exit, with its message
+        main(["plan", "--mix", "read=960"])
+    assert "NAME=HOURS:WEIGHT" in capsys.readouterr().err
+    with pytest.raises(AudioLLMError, match="--mix chat: weight must be > 0"):
+        PlanSpec(mix=(("chat", 100.0, 0.0),))

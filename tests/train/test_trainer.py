@@ -1,6 +1,7 @@
 """train.trainer's start-up checks (`check_start`): every path a run reads is checked, and named,
 before any model loads."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def test_local_shards_named_by_a_pattern_must_exist(tiny_models, tmp_path):
     spec = f"{folder}/shard-{{000000..000003}}.tar"
     with pytest.raises(AudioLLMError, match=r"data.train_shards: 3 shard\(s\) do not exist"):
         check_start(run_paths(tiny_models, data={"train_shards": spec}), "ds_configs/zero2.json")
+
+
+def test_each_source_of_a_mixture_is_checked_and_named(tiny_models, tmp_path):
+    from audio_llm.train.trainer import check_start
+
+    sources = f"[{{shards: {SHARDS}, weight: 0.8}}, {{shards: {tmp_path}/gone, weight: 0.2}}]"
+    cfg = run_paths(tiny_models, data={"train_shards": sources})
+    with pytest.raises(AudioLLMError, match=r"1 problem") as error:
+        check_start(cfg, "ds_configs/zero2.json")
+    assert "data.train_shards[1] (gone): shards" in str(error.value)
+    assert "data.train_shards[0]" not in str(error.value)
+    mel = tmp_path / "mel"  # an index that says mel: the sources would need two collators
+    mel.mkdir()
+    (mel / "shard-000000.tar").write_bytes((SHARDS / "shard-000000.tar").read_bytes())
+    entry = {"name": "shard-000000.tar", "samples": 6, "seconds": 9.0}
+    index = {"format_version": 1, "mode": "mel", "features": {}, "shards": [entry]}
+    (mel / "index.json").write_text(json.dumps(index))
+    sources = f"[{{shards: {SHARDS}}}, {{shards: {mel}}}]"
+    with pytest.raises(AudioLLMError, match="mixes packing modes"):
+        check_start(run_paths(tiny_models, data={"train_shards": sources}), "ds_configs/zero2.json")
 
 
 def test_the_stage_script_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
