@@ -309,6 +309,10 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         device=dist.device(),
         ctc_weight=cfg.train.ctc_weight,
     )
+    # from_pretrained leaves the LLM in eval mode, where transformers never checkpoints a layer
+    # (and dropout is off): train in training mode from step 1, fresh or resumed, not only after
+    # the first eval restores it. AudioLLM.train keeps the frozen encoder in eval.
+    model.train()
     loader = build_loader(
         cfg.data,
         layout_of(model),
