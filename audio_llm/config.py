@@ -193,7 +193,10 @@ class TrainConfig:
     seed: int = opt(0, "Model-side seed (projector/LoRA init, dropout).")
     max_bad_steps: int = opt(5, "Abort after this many non-finite losses in a row.")
     peak_tflops: float = opt(
-        0.0, "Peak dense TFLOP/s per device for MFU (H100 bf16: 989); 0 = do not log MFU."
+        0.0,
+        "Peak dense TFLOP/s per device for MFU (H100 SXM bf16: 989). 0 = auto: the dense bf16 "
+        "peak of a known GPU by its name (planning.flops.PEAK_BF16_TFLOPS); no MFU on other "
+        "devices or the CPU. Set it for an unlisted GPU or for fp16/fp32 training.",
     )
     ctc_weight: float = opt(
         0.0,
