@@ -76,6 +76,14 @@ class ModelConfig:
         False, "Recompute LLM activations in backward to save memory."
     )
     prompt: str = opt("Transcribe the audio.", "User instruction placed after the audio.")
+    system_prompt: str | None = opt(
+        "",
+        "The chat template's system turn. '' (default): none: it is the same in every example, "
+        "so it teaches a fine-tuned ASR model nothing and costs every sample its positions "
+        "(Qwen2-VL-Instruct's default turn is about a dozen tokens, Qwen2.5's about 20). null: the "
+        "template's own default (what runs made before this key trained with). Any other text: "
+        "that system turn.",
+    )
     chat_template: bool = opt(True, "Wrap prompts in the tokenizer's chat template.")
 
     def __post_init__(self) -> None:
