@@ -77,3 +77,18 @@ def test_cli_prints_resolved_yaml(capsys):
     assert printed["train"]["max_steps"] == 12
     assert main(["config", "train.max_steps=zero"]) == 2
     assert "train.max_steps must be an integer" in capsys.readouterr().err
+
+
+def test_the_shipped_cluster_recipe_uses_the_fast_settings():
+    """launch/configs/whisper-large-v3_qwen2-vl-2b.yaml is what users copy: the varlen encoder,
+    length buckets under a token budget, checkpointing, no system turn, MFU from the GPU's name."""
+    from pathlib import Path
+
+    recipe = (
+        Path(__file__).resolve().parent.parent / "launch/configs/whisper-large-v3_qwen2-vl-2b.yaml"
+    )
+    cfg = load_config(recipe)
+    assert cfg.model.varlen_encoder and cfg.model.gradient_checkpointing
+    assert cfg.data.bucket_by_length and cfg.data.max_batch_seconds >= 30
+    assert cfg.model.system_prompt == ""
+    assert cfg.train.peak_tflops == 0  # auto

@@ -197,7 +197,7 @@ def test_shipped_configs_turn_the_synchronised_throughput_timer_off(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_gradient_buckets_are_sized_for_lora_not_the_whole_model(name):
-    """With ~36M trainable parameters (LoRA r16 on Qwen2-VL-2B plus the projector), a bucket
+    """With ~29M trainable parameters (LoRA r16 on Qwen2-VL-2B: 18.5M, plus the projector), a bucket
     larger than the LoRA weights alone holds every gradient: nothing is reduced before the
     backward ends, so communication cannot overlap it."""
     from audio_llm.model.arch import resolve_config
