@@ -14,7 +14,7 @@ import torch
 import transformers.modeling_utils
 
 from audio_llm import dist
-from audio_llm.config import load_config
+from audio_llm.config import ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = REPO / "shards" / "sample" / "audio"
@@ -77,10 +77,7 @@ def test_checkpointing_acts_from_the_first_step_and_a_resumed_run_keeps_the_mode
         return result
 
     monkeypatch.setattr(trainer, "train_step", recording_step)
-    # stage 2 needs a projector to start from; a zero-step stage-1 export is not needed: the
-    # check only wants a file, so write the freshly initialised projector.
-    from audio_llm.config import ModelConfig
-
+    # stage 2 starts from a projector file: a freshly initialised one will do
     init = tmp_path / "projector.safetensors"
     probe = build_audio_llm(
         ModelConfig(encoder=str(tiny_models["whisper"]), llm=str(tiny_models["qwen2vl"]))
