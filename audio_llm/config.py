@@ -78,6 +78,14 @@ class ModelConfig:
         False, "Recompute LLM activations in backward to save memory."
     )
     prompt: str = opt("Transcribe the audio.", "User instruction placed after the audio.")
+    system_prompt: str | None = opt(
+        "",
+        "The chat template's system turn. '' (default): none: it is the same in every example, "
+        "so it teaches a fine-tuned ASR model nothing and costs every sample its positions "
+        "(Qwen2-VL-Instruct's default turn is about a dozen tokens, Qwen2.5's about 20). null: the "
+        "template's own default (what runs made before this key trained with). Any other text: "
+        "that system turn.",
+    )
     chat_template: bool = opt(True, "Wrap prompts in the tokenizer's chat template.")
 
     def __post_init__(self) -> None:
@@ -273,7 +281,10 @@ class TrainConfig:
     seed: int = opt(0, "Model-side seed (projector/LoRA init, dropout).")
     max_bad_steps: int = opt(5, "Abort after this many non-finite losses in a row.")
     peak_tflops: float = opt(
-        0.0, "Peak dense TFLOP/s per device for MFU (H100 bf16: 989); 0 = do not log MFU."
+        0.0,
+        "Peak dense TFLOP/s per device for MFU (H100 SXM bf16: 989). 0 = auto: the dense bf16 "
+        "peak of a known GPU by its name (planning.flops.PEAK_BF16_TFLOPS); no MFU on other "
+        "devices or the CPU. Set it for an unlisted GPU or for fp16/fp32 training.",
     )
     ctc_weight: float = opt(
         0.0,

@@ -124,3 +124,18 @@ def test_train_index_with_a_list_is_refused():
 def test_explain_lists_the_source_fields():
     lines = explain()
     assert any(line.startswith("data.train_shards[].weight = 1.0") for line in lines)
+
+
+def test_the_shipped_cluster_recipe_uses_the_fast_settings():
+    """launch/configs/whisper-large-v3_qwen2-vl-2b.yaml is what users copy: the varlen encoder,
+    length buckets under a token budget, checkpointing, no system turn, MFU from the GPU's name."""
+    from pathlib import Path
+
+    recipe = (
+        Path(__file__).resolve().parent.parent / "launch/configs/whisper-large-v3_qwen2-vl-2b.yaml"
+    )
+    cfg = load_config(recipe)
+    assert cfg.model.varlen_encoder and cfg.model.gradient_checkpointing
+    assert cfg.data.bucket_by_length and cfg.data.max_batch_seconds >= 30
+    assert cfg.model.system_prompt == ""
+    assert cfg.train.peak_tflops == 0  # auto

@@ -11,6 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -59,6 +60,9 @@ def export_weights(model: nn.Module, out_dir: str | Path, extra: dict | None = N
 BUNDLE_FILE = "audio_llm.json"
 SCANNED_SHARDS = 32  # shards read for the clip-length range: enough to see its longest clips
 BUNDLE_FORMAT = 1
+# Runs and bundles from before model.system_prompt existed trained with the chat template's own
+# system turn: read without the key, they keep it (the key's default now leaves it out).
+LEGACY_SYSTEM_PROMPT = None
 
 
 def _run_model_config(run_dir: Path):
@@ -68,6 +72,8 @@ def _run_model_config(run_dir: Path):
     if not config.is_file():
         raise AudioLLMError(f"{run_dir}: no config.yaml (is it a training run folder?)")
     cfg = load_config(config)
+    if "system_prompt" not in (yaml.safe_load(config.read_text()).get("model") or {}):
+        cfg.model.system_prompt = LEGACY_SYSTEM_PROMPT
     weights = run_dir / "export"
     if not (weights / PROJECTOR_FILE).is_file():
         raise AudioLLMError(f"{run_dir}: no export/{PROJECTOR_FILE}; has the run saved a step?")
@@ -101,7 +107,7 @@ def load_for_inference(
         if not bundle_path.is_file():
             raise AudioLLMError(f"{folder}: no {BUNDLE_FILE}; make one with `audio-llm export`")
         bundle = json.loads(bundle_path.read_text())
-        fields = dict(bundle["model"])
+        fields = {"system_prompt": LEGACY_SYSTEM_PROMPT, **bundle["model"]}
         for key in ("encoder", "llm", "projector_init"):
             if not Path(fields[key]).is_absolute() and (folder / fields[key]).exists():
                 fields[key] = str(folder / fields[key])

@@ -54,7 +54,9 @@ def build_audio_llm(
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     llm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.llm, dtype=dtype)
     llm.requires_grad_(False)
-    prompts = PromptBuilder(tokenizer, cfg.audio_token, cfg.prompt, cfg.chat_template)
+    prompts = PromptBuilder(
+        tokenizer, cfg.audio_token, cfg.prompt, cfg.chat_template, cfg.system_prompt
+    )
     vocab_rows = llm.get_input_embeddings().num_embeddings
     if prompts.audio_token_id >= vocab_rows:
         raise AudioLLMError(

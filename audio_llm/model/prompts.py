@@ -1,8 +1,10 @@
 """Transcript normalisation and the token layout of one training example.
 
-Layout (chat template on):  <|im_start|>system ... <|im_end|> <|im_start|>user AUDIO*N PROMPT
+Layout (chat template on):  [<|im_start|>system SYSTEM <|im_end|>] <|im_start|>user AUDIO*N PROMPT
 <|im_end|> <|im_start|>assistant TRANSCRIPT <|im_end|>. Only TRANSCRIPT and its closing token
 are learned; the audio span is expanded at the id level, so its text never passes the tokenizer.
+The system turn is a choice (`system_prompt`): the template's own default (Qwen2-VL-Instruct adds
+"You are a helpful assistant." when no system message is given), a text of one's own, or none.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ class PromptBuilder:
         audio_token: str,
         prompt: str = "Transcribe the audio.",
         chat_template: bool = True,
+        system_prompt: str | None = None,
     ) -> None:
+        """`system_prompt`: None, whatever the chat template does without a system message
+        (Qwen2-VL's adds its default one); "" no system turn at all; any other text, a system
+        turn with it. Ignored without a chat template."""
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
         self.audio_token = audio_token
         self.audio_token_id = audio_token_id(tokenizer, audio_token)
         self.default_prompt = prompt
@@ -72,12 +79,7 @@ class PromptBuilder:
         """Token ids before and after the single audio placeholder (cached per prompt)."""
         if prompt not in self._prefix_cache:
             user = self.audio_token + normalize_transcript(prompt)
-            if self.use_chat_template:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-                )
-            else:
-                text = user + "\n"
+            text = self._chat_text(user) if self.use_chat_template else user + "\n"
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if ids.count(self.audio_token_id) != 1:
                 raise AudioLLMError(
@@ -86,6 +88,28 @@ class PromptBuilder:
             cut = ids.index(self.audio_token_id)
             self._prefix_cache[prompt] = (ids[:cut], ids[cut + 1 :])
         return self._prefix_cache[prompt]
+
+    def _chat_text(self, user: str) -> str:
+        """The chat-templated text of one user turn and the assistant's header, with the system
+        turn `system_prompt` asks for."""
+        messages = [{"role": "user", "content": user}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        if self.system_prompt == "":
+            # No system turn: the template's default would come back without a system message,
+            # so one is given empty and its turn (as the template writes it alone) is cut off.
+            empty = self.tokenizer.apply_chat_template(messages[:1], tokenize=False)
+            if not text.startswith(empty):
+                raise AudioLLMError(
+                    "this chat template does not write the system turn first, so it cannot be "
+                    "left out: set model.system_prompt to a text, or to null for the template's "
+                    "own default"
+                )
+            text = text[len(empty) :]
+        return text
 
     def transcript_ids(self, transcript: str) -> list[int]:
         """Target ids: the normalised transcript, tokenised on its own, then the end-of-turn id."""

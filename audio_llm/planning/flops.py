@@ -16,8 +16,10 @@ Conventions (the same as torch's `FlopCounterMode`, so a measured count checks t
   and LoRA: 3x. The projector's first layer: 2x (its input, the frozen encoder's output, needs no
   gradient); the mlp projector's second layer: 3x. The encoder runs without grad: 1x, and only in
   steps that run it (not on precomputed encoder shards).
-- Model FLOPs, not hardware FLOPs: gradient checkpointing's recomputed forward is not counted, as
-  MFU defines it.
+- Model FLOPs (PaLM's MFU): a batch's `useful` FLOPs are its samples' own, each at its own length,
+  without padding and without gradient checkpointing's recomputed forward; the headline MFU
+  counts these. What the device executes (`executed`: padding included; plus `recompute` with
+  checkpointing) is the second figure, hardware FLOPs utilisation (HFU).
 
 Encoder modes: `padded` (the seed: every clip runs the full 30 s window, 1,500 frames) and
 `varlen` (valid frames only, 50 per second of audio, batches padded to their longest clip).
@@ -25,6 +27,7 @@ Encoder modes: `padded` (the seed: every clip runs the full 30 s window, 1,500 f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
@@ -299,6 +302,14 @@ class BatchFlops:
     encoder_frames_valid: int
     positions_executed: int
     positions_valid: int
+    # Gradient checkpointing runs every LLM decoder layer's forward again in backward, over the
+    # executed (padded) positions; the lm_head is not checkpointed.
+    recompute: float = 0.0
+
+    def executed_total(self, checkpointing: bool) -> float:
+        """FLOPs the device runs: padding included, and the recomputed forward when
+        `checkpointing` (model.gradient_checkpointing) is on."""
+        return self.executed.total + (self.recompute if checkpointing else 0.0)
 
     @property
     def encoder_padded_fraction(self) -> float:
@@ -347,6 +358,7 @@ def padded_batch_flops(
         encoder_frames_valid=sum(frames) if run_encoder else 0,
         positions_executed=rows * width_t,
         positions_valid=sum(positions),
+        recompute=rows * llm_forward(shape, width_t, scored=0).total,
     )
 
 
@@ -395,19 +407,63 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
     return padded_batch_flops(shape, frames, positions, True, None, int(width_t), mel, scored)
 
 
-def flops_rates(flops: float, seconds: float, peak_tflops: float = 0.0) -> dict[str, float]:
-    """Achieved TFLOP/s per device over `seconds`, and MFU against `peak_tflops` when given."""
-    achieved = flops / seconds / 1e12 if seconds > 0 else 0.0
-    rates = {"tflops_per_device": achieved}
+# Dense bf16 tensor-core peaks per device (vendor datasheets, without 2:4 sparsity), matched
+# against torch.cuda.get_device_name() upper-cased; first match wins, so variants precede their
+# family (an H100 PCIe is not an SXM part).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H100.*PCIE", 756.0),
+    (r"H[12]00.*NVL", 835.0),
+    (r"H100|H200|GH200", 989.0),  # SXM: H200 has H100's compute, more and faster memory
+    (r"B200", 2250.0),
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+)
+
+
+def peak_tflops(device_name: str) -> float:
+    """Dense bf16 peak TFLOP/s of a device named as `torch.cuda.get_device_name()` says; 0.0 for
+    a device not in `PEAK_BF16_TFLOPS` (MFU is then not logged unless train.peak_tflops is set)."""
+    name = device_name.upper()
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, name)), 0.0)
+
+
+def resolve_peak_tflops(configured: float, device_name: str | None) -> float:
+    """`train.peak_tflops` when set (> 0), else the table's figure for this device (0.0: none
+    known, or no GPU)."""
+    if configured > 0:
+        return configured
+    return peak_tflops(device_name) if device_name else 0.0
+
+
+def flops_rates(
+    flops: float, seconds: float, peak_tflops: float = 0.0, executed: float | None = None
+) -> dict[str, float]:
+    """Per device over `seconds`: TFLOP/s of the model FLOPs `flops` (real tokens only) and, with
+    `peak_tflops`, MFU; with `executed` (padding and recompute included) also their TFLOP/s and
+    HFU, the hardware FLOPs utilisation."""
+    per_s = (lambda n: n / seconds / 1e12) if seconds > 0 else (lambda n: 0.0)
+    rates = {"tflops_per_device": per_s(flops)}
+    if executed is not None:
+        rates["executed_tflops_per_device"] = per_s(executed)
     if peak_tflops > 0:
-        rates["mfu"] = achieved / peak_tflops
+        rates["mfu"] = rates["tflops_per_device"] / peak_tflops
+        if executed is not None:
+            rates["hfu"] = rates["executed_tflops_per_device"] / peak_tflops
     return rates
 
 
-def with_flops(batches: Iterator[dict], shape: ModelShape) -> Iterator[dict]:
-    """The batches, each with its executed training FLOPs added as `batch["stats"]["flops"]`."""
+def with_flops(
+    batches: Iterator[dict], shape: ModelShape, checkpointing: bool = False
+) -> Iterator[dict]:
+    """The batches, each with its training FLOPs in `batch["stats"]`: `flops`, the model FLOPs
+    of its samples alone (MFU's numerator), and `flops_executed`, what the step runs: padding,
+    and with `checkpointing` the recomputed forward of the LLM layers."""
     for batch in batches:
-        batch.setdefault("stats", {})["flops"] = batch_flops_from_tensors(
-            shape, batch
-        ).executed.total
+        counted = batch_flops_from_tensors(shape, batch)
+        stats = batch.setdefault("stats", {})
+        stats["flops"] = counted.useful.total
+        stats["flops_executed"] = counted.executed_total(checkpointing)
         yield batch

@@ -33,7 +33,7 @@ from audio_llm.evaluation.evaluate import evaluate
 from audio_llm.evaluation.export import export_weights
 from audio_llm.model.audio_llm import count_targets
 from audio_llm.model.build import build_audio_llm
-from audio_llm.planning.flops import ModelShape, flops_rates, with_flops
+from audio_llm.planning.flops import ModelShape, flops_rates, resolve_peak_tflops, with_flops
 from audio_llm.train.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
 from audio_llm.train.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
 from audio_llm.train.faults import fault_point
@@ -323,6 +323,10 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
         device=dist.device(),
         ctc_weight=cfg.train.ctc_weight,
     )
+    # from_pretrained leaves the LLM in eval mode, where transformers never checkpoints a layer
+    # (and dropout is off): train in training mode from step 1, fresh or resumed, not only after
+    # the first eval restores it. AudioLLM.train keeps the frozen encoder in eval.
+    model.train()
     loader = build_train_loader(cfg.data, layout_of(model), rank=rank, world_size=world)
     ds = build_ds_config(ds_config, cfg, world)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -362,20 +366,33 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
 
 
 class Interval:
-    """What the steps since the last log line add up: losses still on the device, FLOPs and
-    audio frames."""
+    """What the steps since the last log line add up: losses still on the device, FLOPs (model
+    and executed), audio frames and LLM positions."""
 
     FRAME_KEYS = ("audio_frames", "audio_frames_padded", "masked_frames")
+    # real LLM positions, and those of them that are audio or targets (the rest is prompt)
+    POSITION_KEYS = ("tokens", "audio_positions", "target_tokens")
 
     def __init__(self) -> None:
         self.pending: list[StepResult] = []
-        self.flops = 0.0
+        self.flops = 0.0  # model FLOPs: real tokens only
+        self.flops_executed = 0.0  # padding and recompute included
         self.frames: Counter = Counter()  # valid and padded audio frames
+        self.positions: Counter = Counter()
 
     def add(self, result: StepResult) -> None:
         self.pending.append(result)
         self.flops += result.counts.get("flops", 0.0)
+        self.flops_executed += result.counts.get("flops_executed", 0.0)
         self.frames.update({k: result.counts.get(k, 0) for k in self.FRAME_KEYS})
+        self.positions.update({k: result.counts.get(k, 0) for k in self.POSITION_KEYS})
+
+    def prompt_position_ratio(self) -> float:
+        """Share of the real LLM positions that are neither audio nor target: the chat
+        template, system prompt and instruction, which every sample pays for."""
+        tokens, counts = self.positions["tokens"], self.positions
+        prompt = tokens - counts["audio_positions"] - counts["target_tokens"]
+        return prompt / tokens if tokens else 0.0
 
 
 class Trainer:
@@ -403,7 +420,17 @@ class Trainer:
         self.losses: dict[int, float] = {}
         self.eval_history: dict[int, float | None] = {}
         self.interval = Interval()
-        self.batches = with_flops(iter(loader), flops_shape)  # analytic FLOPs of each batch
+        # analytic FLOPs of each batch, model and executed (padding, recompute)
+        checkpointing = cfg.model.gradient_checkpointing
+        self.batches = with_flops(iter(loader), flops_shape, checkpointing)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        self.peak_tflops = resolve_peak_tflops(cfg.train.peak_tflops, device)
+        if dist.is_main() and device is not None:
+            log.info(
+                "MFU against %s TFLOP/s (%s)",
+                f"{self.peak_tflops:g}" if self.peak_tflops else "no peak: not logged",
+                "train.peak_tflops" if cfg.train.peak_tflops else f"{device}, dense bf16",
+            )
         self.step_s = 0.0  # this rank's time for the last step
 
     def run(self) -> dict[str, Any]:
@@ -454,7 +481,9 @@ class Trainer:
         problems = dist.sum_counts(self.loader.problems)
         # This rank's FLOPs over the wall time of the same steps (read before rates() resets).
         timer = self.timer
-        achieved = flops_rates(interval.flops, timer.counts.step_s, self.cfg.train.peak_tflops)
+        achieved = flops_rates(
+            interval.flops, timer.counts.step_s, self.peak_tflops, interval.flops_executed
+        )
         frames = interval.frames
         padded = frames["audio_frames_padded"] - frames["audio_frames"]
         metrics = {
@@ -467,6 +496,7 @@ class Trainer:
             **{f"perf/{k}": v for k, v in timer.rates().items()},
             **{f"perf/{k}": v for k, v in achieved.items()},
             "perf/audio_padding_ratio": padded / max(frames["audio_frames_padded"], 1),
+            "perf/prompt_position_ratio": interval.prompt_position_ratio(),
             # SpecAugment time masks: the share of valid frames the model did not see
             "data/masked_frame_ratio": frames["masked_frames"] / max(frames["audio_frames"], 1),
             **{f"perf/{k}": v for k, v in skew.items()},

@@ -109,3 +109,25 @@ def test_a_ctc_blank_of_another_width_is_refused(model_config, tmp_path):
     save_file({"ctc_blank": torch.zeros(7)}, str(tmp_path / "blank.safetensors"))
     with pytest.raises(AudioLLMError, match="ctc_blank of shape"):
         CTCHead.attach(model, 1.0, tmp_path / "blank.safetensors")
+
+
+@pytest.mark.parametrize(
+    "written, read",
+    [(None, None), ("", ""), ("Write what is said.", "Write what is said.")],
+    ids=["before-the-key", "none", "own-text"],
+)
+def test_a_run_from_before_system_prompt_keeps_the_templates_turn(tmp_path, written, read):
+    """A run's config.yaml without model.system_prompt trained with the chat template's own
+    system turn: reading it back must not switch to the key's new default (no turn)."""
+    import yaml
+
+    from audio_llm.evaluation.export import PROJECTOR_FILE, _run_model_config
+
+    model = {"encoder": "enc", "llm": "llm"}
+    if written is not None:
+        model["system_prompt"] = written
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / PROJECTOR_FILE).write_bytes(b"")
+    cfg, _ = _run_model_config(tmp_path)
+    assert cfg.model.system_prompt == read

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_training_logs_tflops_and_mfu(tiny_models, tmp_path):
     """One real single-rank launch: the step's analytic FLOPs over its wall time reach
-    metrics.jsonl as perf/tflops_per_device and perf/mfu = that / train.peak_tflops."""
+    metrics.jsonl as perf/tflops_per_device and perf/mfu = that / train.peak_tflops (model
+    FLOPs of real tokens), and the executed ones (padding included) as perf/hfu, never less."""
     from tests.integration.test_train_launch import common, launch
 
     out = tmp_path / "run"
@@ -26,6 +27,11 @@ def test_training_logs_tflops_and_mfu(tiny_models, tmp_path):
     for row in perf:
         assert row["perf/tflops_per_device"] > 0
         assert row["perf/mfu"] == pytest.approx(row["perf/tflops_per_device"] / 0.5)
+        executed = row["perf/executed_tflops_per_device"]
+        assert row["perf/hfu"] == pytest.approx(executed / 0.5)
+        assert executed >= row["perf/tflops_per_device"]
+        # template and instruction positions are counted: some, never all
+        assert 0 < row["perf/prompt_position_ratio"] < 1
 
 
 def test_gpu_step_benchmark_runs_tiny_on_cpu(tmp_path):

@@ -78,3 +78,56 @@ def test_prompt_may_not_contain_the_placeholder(tokenizer):
     prompts = PromptBuilder(tokenizer, "<|vision_pad|>")
     with pytest.raises(AudioLLMError, match="must contain no"):
         prompts.prompt(3, prompt="listen <|vision_pad|>")
+
+
+SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def test_the_default_config_has_no_system_turn_and_null_keeps_the_templates(
+    tokenizer, model_config
+):
+    """Qwen2-VL's template adds a system turn when given none: the config's default leaves it
+    out; system_prompt=None (the demo recipe, runs made before the key) keeps today's ids."""
+    assert model_config.system_prompt == ""
+    none = PromptBuilder(tokenizer, "<|vision_pad|>", system_prompt="")
+    template = PromptBuilder(tokenizer, "<|vision_pad|>", system_prompt=None)
+    before = PromptBuilder(tokenizer, "<|vision_pad|>")  # the builder's own default: as before
+    assert template.prompt(4) == before.prompt(4)
+    assert tokenizer.decode(template.prompt(4)).startswith(SYSTEM_TURN + "<|im_start|>user\n")
+    assert tokenizer.decode(none.prompt(4)).startswith("<|im_start|>user\n")
+    system_ids = tokenizer(SYSTEM_TURN, add_special_tokens=False)["input_ids"]
+    assert template.prompt(4) == system_ids + none.prompt(4)
+    ex = none.example(4, "the cat")
+    assert ex.input_ids[: len(none.prompt(4))] == none.prompt(4)  # generation = training context
+
+
+def test_a_system_prompt_of_ones_own(tokenizer):
+    prompts = PromptBuilder(tokenizer, "<|vision_pad|>", system_prompt="Write what is said.")
+    text = tokenizer.decode(prompts.prompt(2))
+    assert text.startswith("<|im_start|>system\nWrite what is said.<|im_end|>\n<|im_start|>user")
+    assert "helpful" not in text
+
+
+def test_a_template_that_cannot_leave_the_system_turn_out_is_a_clear_error(tiny_models):
+    odd = AutoTokenizer.from_pretrained(tiny_models["qwen2vl"])
+    # the system turn written last: cutting it off the front is impossible
+    odd.chat_template = (
+        "{% for m in messages if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>system\n"
+        "{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}<|im_end|>\n"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    prompts = PromptBuilder(odd, "<|vision_pad|>", system_prompt="")
+    with pytest.raises(AudioLLMError, match="model.system_prompt"):
+        prompts.prompt(2)
+
+
+def test_the_demo_recipe_pins_the_templates_system_turn():
+    from pathlib import Path
+
+    from audio_llm.config import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "launch" / "configs").glob("demo_*"))
+    assert len(recipes) == 4  # two encoders x two stages
+    for recipe in recipes:
+        assert load_config(recipe).model.system_prompt is None, recipe.name

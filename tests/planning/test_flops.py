@@ -20,6 +20,8 @@ from audio_llm.planning.flops import (
     flops_rates,
     llm_forward,
     lora_params,
+    peak_tflops,
+    resolve_peak_tflops,
     training_flops,
     with_flops,
 )
@@ -87,9 +89,10 @@ def test_precomputed_encoder_batches_count_no_encoder(model_config):
     assert cached.executed.projector == live.executed.projector
     # the seed encoder runs the full window whatever the clip: 3 rows x 1,500 frames
     assert live.encoder_frames_executed == 3 * 1500
-    # with_flops tags each batch for the training loop
-    tagged = next(with_flops(iter([pre]), shape))
-    assert tagged["stats"]["flops"] == cached.executed.total
+    # with_flops tags each batch for the training loop: model FLOPs and executed FLOPs
+    tagged = next(with_flops(iter([dict(pre)]), shape))
+    assert tagged["stats"]["flops"] == cached.useful.total
+    assert tagged["stats"]["flops_executed"] == cached.executed.total
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +154,72 @@ def test_mfu_is_achieved_over_peak_and_absent_without_a_peak():
     assert rates == pytest.approx({"tflops_per_device": 400.0, "mfu": 0.5})
     assert flops_rates(4e15, 10.0) == {"tflops_per_device": 400.0}
     assert flops_rates(4e15, 0.0, 800.0)["tflops_per_device"] == 0.0
+
+
+def test_mfu_counts_model_flops_and_hfu_the_executed_ones():
+    rates = flops_rates(flops=4e15, seconds=10.0, peak_tflops=800.0, executed=6e15)
+    assert rates == pytest.approx(
+        {"tflops_per_device": 400.0, "mfu": 0.5, "executed_tflops_per_device": 600.0, "hfu": 0.75}
+    )
+    assert "hfu" not in flops_rates(4e15, 10.0, executed=6e15)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA B200", 2250.0),
+        ("Tesla V100-SXM2-16GB", 0.0),  # no bf16 tensor cores: not in the table
+        ("NVIDIA GeForce RTX 3090", 0.0),
+    ],
+)
+def test_peak_of_known_devices_by_name(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_a_configured_peak_overrides_the_table_and_zero_is_auto():
+    assert resolve_peak_tflops(500.0, "NVIDIA H100 80GB HBM3") == 500.0
+    assert resolve_peak_tflops(0.0, "NVIDIA H100 80GB HBM3") == 989.0
+    assert resolve_peak_tflops(0.0, None) == 0.0  # no GPU: no MFU
+    assert resolve_peak_tflops(0.0, "Some Future Accelerator") == 0.0
+
+
+def test_model_flops_leave_out_padding_and_recompute(large_v3_7b):
+    shape = ModelShape.from_configs(*large_v3_7b, stack=8, encoder_mode="varlen")
+    result = batch_flops(shape, [100, 300], [20, 30])
+    # the padded row's positions and frames are executed, not useful
+    assert result.useful.total < result.executed.total
+    # checkpointing adds one forward of every decoder layer over the executed positions
+    layers = 2 * llm_forward(shape, 68, scored=0).total
+    assert result.recompute == pytest.approx(layers)
+    assert result.executed_total(checkpointing=True) == pytest.approx(
+        result.executed.total + layers
+    )
+    assert result.executed_total(checkpointing=False) == result.executed.total
+
+
+def test_recompute_is_what_checkpointing_adds_to_the_measured_flops(model_config):
+    """FlopCounterMode sees the forward that non-reentrant checkpointing reruns in backward: the
+    measured difference with and without it is `BatchFlops.recompute`."""
+    measured = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = replace(model_config, gradient_checkpointing=checkpointing, **DEMO)
+        model = build_audio_llm(cfg, LoraConfig(rank=8))
+        model.llm.set_attn_implementation("eager")
+        model.encoder.whisper.config._attn_implementation = "eager"
+        model.train()
+        batch = training_batch(model, [601, 410, 1200], TEXTS)
+        measured.append(_measured_training_flops(model, batch)[0])
+    recompute = batch_flops_from_tensors(ModelShape.from_model(model), batch).recompute
+    assert measured[1] - measured[0] == pytest.approx(recompute, rel=1e-2)

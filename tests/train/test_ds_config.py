@@ -179,3 +179,47 @@ def test_shipped_configs(name):
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     for cuda in (True, False):
         build_ds_config(CONFIGS / f"{name}.json", run_cfg(), world_size=2, cuda=cuda)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_turn_the_synchronised_throughput_timer_off(name):
+    """DeepSpeed's throughput timer synchronises the device twice a micro-batch when on (its
+    default); the shipped files turn it off, as DeepSpeed's own parser reads them. Its config
+    models forbid unknown keys, so a misspelt ZeRO key fails here too."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils.config import get_timers_config
+
+    raw = load_ds_json(CONFIGS / f"{name}.json")
+    timers = get_timers_config(raw)
+    assert timers.enabled is False and timers.synchronized is False
+    DeepSpeedZeroConfig(**raw["zero_optimization"])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_gradient_buckets_are_sized_for_lora_not_the_whole_model(name):
+    """With ~29M trainable parameters (LoRA r16 on Qwen2-VL-2B: 18.5M, plus the projector), a bucket
+    larger than the LoRA weights alone holds every gradient: nothing is reduced before the
+    backward ends, so communication cannot overlap it."""
+    from audio_llm.model.arch import resolve_config
+    from audio_llm.planning.flops import lora_params
+
+    zero = load_ds_json(CONFIGS / f"{name}.json")["zero_optimization"]
+    lora = lora_params(resolve_config("qwen2-vl-2b"), 16)
+    assert zero["reduce_bucket_size"] * 2 <= lora
+    assert zero.get("allgather_bucket_size", 0) * 2 <= lora
+
+
+def test_zero3_keeps_the_frozen_2b_base_resident():
+    """ZeRO-3 partitions frozen parameters too and gathers them for every forward and backward
+    unless they are persistent: every tensor of whisper-large-v3 + Qwen2-VL-2B must fall under
+    the per-tensor threshold, and all of them together under the model-wide cap."""
+    from audio_llm.model.lora import meta_model
+
+    zero = load_ds_json(CONFIGS / "zero3.json")["zero_optimization"]
+    model = meta_model("whisper-large-v3", "qwen2-vl-2b")
+    sizes = [p.numel() for p in model.parameters()]
+    assert max(sizes) <= zero["stage3_param_persistence_threshold"]
+    assert sum(sizes) <= zero["stage3_model_persistence_threshold"]
+    # offloading keeps parameters on the CPU: persistence would pull them back to the GPU
+    offload = load_ds_json(CONFIGS / "zero3_offload.json")["zero_optimization"]
+    assert offload["stage3_param_persistence_threshold"] <= 10**6
