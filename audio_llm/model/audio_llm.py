@@ -89,6 +89,9 @@ class AudioLLM(nn.Module):
         "waveform_lengths",
     )
     BATCH_KEYS = ("input_ids", "attention_mask", "labels", *AUDIO_KEYS, *ROW_KEYS)
+    # Lengths read as Python ints (by CTC, flash-attention, the log-mel check): kept on the host
+    # by `batch_inputs`, where reading them makes no device wait.
+    HOST_KEYS = ("waveform_lengths", *HOST_KEYS)
 
     def __init__(
         self,
@@ -123,8 +126,9 @@ class AudioLLM(nn.Module):
         """The tensors of a loader batch that `forward`/`generate` take, moved to `device`
         without waiting (the loader pins them); `HOST_KEYS` stay on the host, where kernels read
         them as Python ints."""
-        moved = {k: batch[k].to(device, non_blocking=True) for k in cls.BATCH_KEYS if k in batch}
-        return moved | {k: batch[k] for k in HOST_KEYS if k in batch}
+        host = {k: batch[k] for k in cls.HOST_KEYS if k in batch}
+        keys = [k for k in cls.BATCH_KEYS if k in batch and k not in host]
+        return {k: batch[k].to(device, non_blocking=True) for k in keys} | host
 
     # -- audio ------------------------------------------------------------------------------
     def num_audio_tokens(self, mel_frames: int) -> int:
@@ -143,7 +147,7 @@ class AudioLLM(nn.Module):
         if device not in self._mel_filters:
             filters = torch.as_tensor(self.feature_extractor.mel_filters, dtype=torch.float32)
             self._mel_filters[device] = filters.to(device)
-        return log_mel_batch(waveforms, waveform_lengths.to(device), self._mel_filters[device])
+        return log_mel_batch(waveforms, waveform_lengths, self._mel_filters[device])
 
     def project_audio(
         self,
@@ -372,5 +376,5 @@ def attention_inputs(
     allowed = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
     if implementation == "eager":  # eager adds the mask to the scores: 0 or the dtype's min
         zero = torch.zeros((), dtype=dtype, device=segments.device)
-        return {"attention_mask": zero.masked_fill(~allowed, torch.finfo(dtype).min)}
+        return {"attention_mask": torch.where(allowed, zero, torch.finfo(dtype).min)}
     return {"attention_mask": allowed}

@@ -60,13 +60,18 @@ def test_packed_rows_restart_positions_and_fence_attention(ctc_model):
     seg = packed["segment_ids"]
     assert not (mask[:, 0] & (seg[:, :, None] != seg[:, None, :])).any()  # no cross-sample look
     assert mask[:, 0].tril().equal(mask[:, 0])  # causal
+    additive = attention_inputs("eager", packed, torch.float32)["attention_mask"]
+    assert additive.shape == mask.shape and torch.equal(additive == 0, mask)
     # the trainer's panels: positions are rows x row length
     assert packed["stats"]["positions"] == packed["input_ids"].numel()
     assert packed["stats"]["tokens"] == padded["stats"]["tokens"]
     assert packed["stats"]["positions"] < padded["stats"]["positions"]
 
 
-def test_packed_batch_loss_and_gradients_equal_the_padded_batch(ctc_model):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batch_loss_and_gradients_equal_the_padded_batch(ctc_model, attention):
+    ctc_model.causal_lm().set_attn_implementation(attention)
+    assert ctc_model.causal_lm().config._attn_implementation == attention
     trained = {n: p for n, p in ctc_model.named_parameters() if p.requires_grad}
 
     def run(batch):
@@ -77,6 +82,7 @@ def test_packed_batch_loss_and_gradients_equal_the_padded_batch(ctc_model):
 
     ref, ref_grads = run(collate(ctc_model, 0))
     new, new_grads = run(collate(ctc_model, 512))
+    ctc_model.causal_lm().set_attn_implementation("sdpa")
     torch.testing.assert_close(new.lm_loss_sum, ref.lm_loss_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.aux_loss_sums["ctc"], ref.aux_loss_sums["ctc"])
     torch.testing.assert_close(new.loss, ref.loss, rtol=1e-5, atol=1e-6)
