@@ -179,3 +179,14 @@ def test_shipped_configs(name):
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     for cuda in (True, False):
         build_ds_config(CONFIGS / f"{name}.json", run_cfg(), world_size=2, cuda=cuda)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_synchronised_throughput_timer_is_off_unless_a_config_asks(name):
+    """DeepSpeed's throughput timer synchronises the device twice a micro-batch by default."""
+    source = load_ds_json(CONFIGS / f"{name}.json")
+    ds = build_ds_config(source, run_cfg(), world_size=1, cuda=True)
+    assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}
+    asked = {**source, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    ds = build_ds_config(asked, run_cfg(), world_size=1, cuda=True)
+    assert ds["timers"]["throughput"] == {"enabled": True, "synchronized": False}
