@@ -1,8 +1,11 @@
-"""The collator: tokenised, decoded samples -> the padded batch `AudioLLM.forward` takes.
+"""The collator: tokenised, decoded samples -> the batch `AudioLLM.forward` takes.
 
 Token ids and labels come with each sample (the stream's `tokenize` stage builds them with
-`AudioLayout.example` and refuses what would not fit `max_length`); this module pads them, pads
-the audio, and builds left-padded generation prompts for evaluation.
+`AudioLayout.example` and refuses what would not fit `max_length`); this module lays them out in
+LLM rows (right-padded, or packed up to `data.pack_tokens`) with every index the model needs
+(`model.rows`, computed here so the device never waits for them), pads the audio (one clip per
+row of the audio tensors, packed or not), and builds left-padded generation prompts for
+evaluation (never packed).
 
 Audio (live) shards give log-mel computed here, in the loader worker (`features_on="loader"`), or
 the padded int16 waveforms, for `AudioLLM` to compute the same log-mel batched on its own device
@@ -38,8 +41,9 @@ class AudioSample:
 
 
 class Collator:
-    """Padded training batches (`__call__`) and generation batches (`prompt_batch`) for one
-    shard mode; each sample is visited once, in the batch it belongs to."""
+    """Training batches (`__call__`; `pack_tokens` > 0: samples packed into rows of at most that
+    many tokens) and generation batches (`prompt_batch`) for one shard mode; each sample is
+    visited once, in the batch it belongs to."""
 
     def __init__(
         self, layout: AudioLayout, mode: str, features_on: str = "loader", pack_tokens: int = 0

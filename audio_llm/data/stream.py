@@ -80,11 +80,6 @@ class ShardStream(IterableDataset):
         augment: SpecAugment | None = None,
         align_ranks: bool = True,
     ) -> None:
-        if pack_tokens and pack_tokens < max_length:
-            raise AudioLLMError(
-                f"data.pack_tokens={pack_tokens} is less than data.max_length={max_length}: "
-                "a sample that fits max_length would not fit a row"
-            )
         collator = Collator(layout, shards.mode, features_on, pack_tokens)
         if max_batch_seconds > 0 and not bucket_by_length:
             raise AudioLLMError(
