@@ -166,6 +166,12 @@ class DataConfig:
         "batch_size. Needs bucket_by_length; >= 30 so that any clip fits.",
     )
     max_length: int = opt(2048, "Max tokens (audio + prompt + transcript); longer samples skipped.")
+    pack_tokens: int = opt(
+        0,
+        "Pack samples into LLM rows of at most this many tokens, padding-free (each sample keeps "
+        "its own positions and attends only to itself); 0 = one sample per row, right-padded. "
+        ">= max_length.",
+    )
     long_audio: Literal["skip", "truncate"] = opt("skip", "Audio over 30 s: skip or cut to 30 s.")
     features_on: Literal["loader", "device"] = opt(
         "loader",
@@ -193,6 +199,11 @@ class DataConfig:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.max_length >= 16, f"data.max_length must be >= 16 (got {self.max_length})")
+        _check(
+            self.pack_tokens == 0 or self.pack_tokens >= self.max_length,
+            f"data.pack_tokens={self.pack_tokens} must be 0 (off) or >= data.max_length="
+            f"{self.max_length}, so that every sample fits a row",
+        )
         _check(
             self.time_masks >= 0 and self.feature_masks >= 0,
             "data.time_masks/feature_masks must be >= 0",

@@ -37,7 +37,11 @@ ALLOWED = {
     "cli": {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or p.is_dir()} - {"cli"},
 }
 # data/ reads the prompt layout and the encoder's identity, never the nn.Module that uses them
-DATA_MAY_USE_FROM_MODEL = {"audio_llm.model.prompts", "audio_llm.model.encoder"}
+DATA_MAY_USE_FROM_MODEL = {
+    "audio_llm.model.prompts",
+    "audio_llm.model.rows",
+    "audio_llm.model.encoder",
+}
 
 
 def _modules() -> dict[str, Path]:

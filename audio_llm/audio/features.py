@@ -82,11 +82,13 @@ def log_mel_batch(
     device = waveforms.device
     waveforms = pcm_to_float(waveforms)
     batch, samples = waveforms.shape
-    lengths = torch.as_tensor(lengths, device=device).long()
+    # Checked where the lengths are: host lengths (the collator's) cost the device no wait.
+    lengths = torch.as_tensor(lengths).long()
     if int(lengths.min()) <= N_FFT // 2 or int(lengths.max()) > samples:
         raise AudioLLMError(
             f"clip lengths must be in ({N_FFT // 2}, {samples}] samples, got {lengths.tolist()}"
         )
+    lengths = lengths.to(device, non_blocking=True)
     filters = _filters(mel_filters, device)
     frames = samples // HOP_LENGTH
     frame_lengths = torch.div(lengths, HOP_LENGTH, rounding_mode="floor")

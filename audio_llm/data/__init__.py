@@ -6,9 +6,9 @@ pipeline (`stream`, composed of `stages`), length bucketing (`bucket`), SpecAugm
 (`loader`) and several corpora mixed by weight (`mixture`). It never holds a model:
 `layout_of(model)` reads what it needs into an `AudioLayout`.
 
-data/ may import `audio_llm.audio`, `config`, `errors`, `dist` and `model.prompts` (and
-`model.encoder.encoder_identity`, inside `layout_of`); never `model.audio_llm`, `train` or
-`evaluation` (which import data/), nor `demo`.
+data/ may import `audio_llm.audio`, `config`, `errors`, `dist`, `model.prompts`, `model.rows`
+(the LLM rows of a batch and their indices) and `model.encoder.encoder_identity` (inside
+`layout_of`); never `model.audio_llm`, `train` or `evaluation` (which import data/), nor `demo`.
 """
 
 from audio_llm.data.collate import AudioSample, Collator

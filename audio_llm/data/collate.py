@@ -1,8 +1,11 @@
-"""The collator: tokenised, decoded samples -> the padded batch `AudioLLM.forward` takes.
+"""The collator: tokenised, decoded samples -> the batch `AudioLLM.forward` takes.
 
 Token ids and labels come with each sample (the stream's `tokenize` stage builds them with
-`AudioLayout.example` and refuses what would not fit `max_length`); this module pads them, pads
-the audio, and builds left-padded generation prompts for evaluation.
+`AudioLayout.example` and refuses what would not fit `max_length`); this module lays them out in
+LLM rows (right-padded, or packed up to `data.pack_tokens`) with every index the model needs
+(`model.rows`, computed here so the device never waits for them), pads the audio (one clip per
+row of the audio tensors, packed or not), and builds left-padded generation prompts for
+evaluation (never packed).
 
 Audio (live) shards give log-mel computed here, in the loader worker (`features_on="loader"`), or
 the padded int16 waveforms, for `AudioLLM` to compute the same log-mel batched on its own device
@@ -19,6 +22,7 @@ import torch
 from audio_llm.audio.frames import mel_frames
 from audio_llm.data.layout import AudioLayout
 from audio_llm.model.prompts import IGNORE_INDEX, Example
+from audio_llm.model.rows import build_rows
 
 
 @dataclass
@@ -37,10 +41,13 @@ class AudioSample:
 
 
 class Collator:
-    """Padded training batches (`__call__`) and generation batches (`prompt_batch`) for one
-    shard mode; each sample is visited once, in the batch it belongs to."""
+    """Training batches (`__call__`; `pack_tokens` > 0: samples packed into rows of at most that
+    many tokens) and generation batches (`prompt_batch`) for one shard mode; each sample is
+    visited once, in the batch it belongs to."""
 
-    def __init__(self, layout: AudioLayout, mode: str, features_on: str = "loader") -> None:
+    def __init__(
+        self, layout: AudioLayout, mode: str, features_on: str = "loader", pack_tokens: int = 0
+    ) -> None:
         if features_on not in ("loader", "device"):
             raise ValueError(f"features_on must be 'loader' or 'device', got {features_on!r}")
         # Waveform batches, for log-mel on the device, travel as int16 PCM: exact for the 16-bit
@@ -52,14 +59,23 @@ class Collator:
         self.layout = layout
         self.mode = mode
         self.pad_id = layout.prompts.tokenizer.pad_token_id
+        self.pack_tokens = pack_tokens
 
     def __call__(self, samples: list[AudioSample]) -> dict:
-        """Training batch: right-padded ids, labels and mask, plus the audio tensors."""
-        ids = _pad_ids([s.example.input_ids for s in samples], self.pad_id)
-        labels = _pad_ids([s.example.labels for s in samples], IGNORE_INDEX)
-        lengths = torch.tensor([len(s.example.input_ids) for s in samples])
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        """Training batch: the LLM rows (one right-padded sample per row, or samples packed up
+        to `pack_tokens` per row) with every index the model needs (`model.rows`), plus the
+        audio tensors, one clip per row."""
+        prompts = self.layout.prompts
+        batch = build_rows(
+            [s.example.input_ids for s in samples],
+            [s.example.labels for s in samples],
+            [self.layout.audio_tokens(_frames(s), self.mode) for s in samples],
+            audio_token_id=prompts.audio_token_id,
+            eos_id=prompts.eos_id,
+            pad_id=self.pad_id,
+            pack_tokens=self.pack_tokens,
+            names=[s.key for s in samples],
+        )
         return self._add_audio(batch, samples)
 
     def prompt_batch(self, samples: list[AudioSample]) -> dict:
@@ -102,7 +118,7 @@ class Collator:
             "audio_seconds": float(sum(s.seconds for s in samples)),
             "target_tokens": int((labels != IGNORE_INDEX).sum()),
             "tokens": int(mask.sum()),
-            "positions": ids.numel(),
+            "positions": ids.numel(),  # rows x row length, packed or padded
             "audio_positions": audio_positions,
             "audio_frames": sum(map(_frames, samples)),  # mel frames (encoder frames: enc)
             "audio_frames_padded": len(samples) * max(map(_frames, samples)),

@@ -80,6 +80,8 @@ class ShardLoader:
                 num_workers=workers,
                 worker_init_fn=_worker_init if workers else None,
                 prefetch_factor=self.prefetch_factor if workers else None,
+                # page-locked batches: the model's non_blocking copies overlap the step
+                pin_memory=torch.cuda.is_available(),
             )
             for batch in loader:
                 meta = batch.pop("stream")
@@ -147,6 +149,7 @@ def stream_options(
     return {
         "batch_size": cfg.batch_size,
         "max_length": cfg.max_length,
+        "pack_tokens": cfg.pack_tokens,
         "features_on": cfg.features_on,
         "rank": rank,
         "world_size": world_size,

@@ -67,6 +67,7 @@ class ShardStream(IterableDataset):
         *,
         batch_size: int,
         max_length: int,
+        pack_tokens: int = 0,
         features_on: str = "loader",
         rank: int = 0,
         world_size: int = 1,
@@ -79,7 +80,7 @@ class ShardStream(IterableDataset):
         augment: SpecAugment | None = None,
         align_ranks: bool = True,
     ) -> None:
-        collator = Collator(layout, shards.mode, features_on)
+        collator = Collator(layout, shards.mode, features_on, pack_tokens)
         if max_batch_seconds > 0 and not bucket_by_length:
             raise AudioLLMError(
                 "data.max_batch_seconds cuts batches from the length-sorted buffer: "

@@ -1,5 +1,7 @@
 """The network: the frozen Whisper encoder (`encoder`), the trainable projector (`projector`),
-the prompt and token layout of one example (`prompts`), the composed `AudioLLM` (`audio_llm`),
+the prompt and token layout of one example (`prompts`), the LLM rows of a batch, padded or
+packed, with every index the forward pass needs, built on the host (`rows`; data/ builds them
+too), the composed `AudioLLM` (`audio_llm`),
 regex-chosen LoRA on the LLM only (`lora`), the optional CTC component with joint decoding
 (`ctc`: an auxiliary head and a decoding hook of `AudioLLM`), `build`, the one module that
 assembles them all from checkpoint folders (`build_audio_llm`), and the published shapes of the

@@ -26,7 +26,17 @@ from audio_llm.audio.frames import audio_positions, encoder_frames
 from audio_llm.errors import AudioLLMError
 from audio_llm.model.encoder import AudioEncoder
 from audio_llm.model.projector import AudioProjector
-from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
+from audio_llm.model.prompts import PromptBuilder
+from audio_llm.model.rows import (
+    HOST_KEYS,
+    ROW_KEYS,
+    SAMPLE_KEYS,
+    count_targets,
+    rows_of_batch,
+    target_labels,
+)
+
+__all__ = ["AudioLLM", "AudioLLMOutput", "count_targets", "target_labels"]
 
 
 class AuxHead(Protocol):
@@ -39,9 +49,10 @@ class AuxHead(Protocol):
     weight: float
 
     def loss_sum(
-        self, model: AudioLLM, projected: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+        self, model: AudioLLM, projected: torch.Tensor, rows: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        """The loss summed over the batch's clips (`labels`: `target_labels`)."""
+        """The loss summed over the batch's clips; `rows` holds the batch's `model.rows` indices
+        (each clip's `transcripts`, `transcript_lengths` and `clip_positions`)."""
         ...
 
 
@@ -63,6 +74,9 @@ class AudioLLM(nn.Module):
     - `audio_embeds [B, F, d_encoder]` + `audio_lengths [B]` (precomputed encoder outputs).
 
     Row b of `input_ids` must hold exactly `num_audio_tokens(...)` placeholders for its clip.
+    Collated training batches also carry the host-built indices of `model.rows` (`ROW_KEYS`,
+    `HOST_KEYS`), possibly with several samples packed per row; without them `forward` reads
+    them from the tensors (a wait for the device: fine for hand-built batches, not for training).
     """
 
     # The audio forms a batch may carry (`project_audio`), and every tensor `forward` takes.
@@ -74,7 +88,10 @@ class AudioLLM(nn.Module):
         "waveforms",
         "waveform_lengths",
     )
-    BATCH_KEYS = ("input_ids", "attention_mask", "labels", *AUDIO_KEYS)
+    BATCH_KEYS = ("input_ids", "attention_mask", "labels", *AUDIO_KEYS, *ROW_KEYS)
+    # Lengths read as Python ints (by CTC, flash-attention, the log-mel check): kept on the host
+    # by `batch_inputs`, where reading them makes no device wait.
+    HOST_KEYS = ("waveform_lengths", *HOST_KEYS)
 
     def __init__(
         self,
@@ -106,8 +123,12 @@ class AudioLLM(nn.Module):
     def batch_inputs(
         cls, batch: Mapping[str, object], device: torch.device | str
     ) -> dict[str, torch.Tensor]:
-        """The tensors of a loader batch that `forward`/`generate` take, moved to `device`."""
-        return {k: batch[k].to(device) for k in cls.BATCH_KEYS if k in batch}
+        """The tensors of a loader batch that `forward`/`generate` take, moved to `device`
+        without waiting (the loader pins them); `HOST_KEYS` stay on the host, where kernels read
+        them as Python ints."""
+        host = {k: batch[k] for k in cls.HOST_KEYS if k in batch}
+        keys = [k for k in cls.BATCH_KEYS if k in batch and k not in host]
+        return {k: batch[k].to(device, non_blocking=True) for k in keys} | host
 
     # -- audio ------------------------------------------------------------------------------
     def num_audio_tokens(self, mel_frames: int) -> int:
@@ -126,7 +147,7 @@ class AudioLLM(nn.Module):
         if device not in self._mel_filters:
             filters = torch.as_tensor(self.feature_extractor.mel_filters, dtype=torch.float32)
             self._mel_filters[device] = filters.to(device)
-        return log_mel_batch(waveforms, waveform_lengths.to(device), self._mel_filters[device])
+        return log_mel_batch(waveforms, waveform_lengths, self._mel_filters[device])
 
     def project_audio(
         self,
@@ -178,7 +199,7 @@ class AudioLLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
-        **audio: torch.Tensor,
+        **inputs: torch.Tensor,
     ) -> AudioLLMOutput:
         """LM loss over transcript tokens only (prompt, audio and padding are never targets).
 
@@ -187,32 +208,36 @@ class AudioLLM(nn.Module):
         the trainer uses the sums (`lm_loss_sum` over target tokens, `aux_loss_sums` over
         utterances) to weight every token equally across micro-batches and ranks. Without
         labels: `logits` of every position.
+
+        `inputs`: the audio (`AUDIO_KEYS`) and, from the collator, the rows' indices
+        (`model.rows`); with them nothing here reads a tensor's values on the host.
         """
-        projected, lengths = self.project_audio(**audio)
-        inputs_embeds = self.embed_inputs(input_ids, projected, lengths)
-        # Explicit 1-D positions (Qwen2-VL expands them to its 3 M-RoPE axes): text-only RoPE,
-        # correct for left or right padding, and independent of state left by generate().
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        causal_lm = self.causal_lm()
-        hidden = causal_lm.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        rows = {k: inputs.pop(k) for k in (*ROW_KEYS, *HOST_KEYS, *SAMPLE_KEYS) if k in inputs}
+        projected, lengths = self.project_audio(**inputs)
         if labels is None:
-            return AudioLLMOutput(logits=causal_lm.lm_head(hidden))
-        targets = target_labels(input_ids, attention_mask, labels, self.audio_token_id)
+            embeds = self.embed_inputs(input_ids, projected, lengths)
+            return AudioLLMOutput(logits=self._logits_of_every_position(embeds, attention_mask))
+        if "score_slots" not in rows:  # a hand-built batch: read its layout on the host
+            rows = rows_of_batch(
+                input_ids,
+                attention_mask,
+                labels,
+                lengths,
+                audio_token_id=self.audio_token_id,
+                eos_id=self.prompts.eos_id if self.prompts else -1,
+            )
+        hidden = self._hidden(input_ids, projected, rows)
         # Position t predicts token t + 1: only the positions whose next token is a target
-        # meet the head (a [tokens, vocab] matrix instead of [B, L, vocab]).
-        scored = targets[:, 1:] != IGNORE_INDEX
-        logits = causal_lm.lm_head(hidden[:, :-1][scored]).float()
-        lm_sum = nn.functional.cross_entropy(logits, targets[:, 1:][scored], reduction="sum")
-        lm_mean = lm_sum / scored.sum().clamp(min=1)
+        # meet the head (a [tokens, vocab] matrix instead of [rows, length, vocab]).
+        scored = hidden.flatten(0, 1).index_select(0, rows["score_slots"])
+        logits = self.causal_lm().lm_head(scored).float()
+        lm_sum = nn.functional.cross_entropy(logits, rows["score_targets"], reduction="sum")
+        lm_mean = lm_sum / max(len(rows["score_targets"]), 1)
+        clips = len(rows["clip_positions"])
         loss, means, sums = lm_mean, {}, {}
         for name, head in self.loss_heads().items():  # per utterance, not per token
-            sums[name] = head.loss_sum(self, projected, lengths, targets)
-            means[name] = sums[name] / targets.shape[0]
+            sums[name] = head.loss_sum(self, projected, rows)
+            means[name] = sums[name] / clips
             loss = loss + head.weight * means[name]
         return AudioLLMOutput(
             loss=loss,
@@ -221,6 +246,37 @@ class AudioLLM(nn.Module):
             aux_losses=means or None,
             aux_loss_sums=sums or None,
         )
+
+    def _hidden(
+        self, input_ids: torch.Tensor, projected: torch.Tensor, rows: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The LLM's last hidden states `[rows, length, d]` of rows with their audio written in:
+        integer gathers and scatters only, each sample attending within itself."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        source = rows["audio_clips"] * projected.shape[1] + rows["audio_frames"]
+        audio = projected.flatten(0, 1).index_select(0, source).to(embeds.dtype)
+        flat = embeds.flatten(0, 1).index_copy(0, rows["audio_slots"], audio)
+        causal_lm = self.causal_lm()
+        return causal_lm.model(
+            inputs_embeds=flat.view_as(embeds),
+            # Explicit 1-D positions restarting per sample (Qwen2-VL expands them to its 3
+            # M-RoPE axes): text-only RoPE, independent of state left by generate().
+            position_ids=rows["position_ids"],
+            use_cache=False,
+            **attention_inputs(causal_lm.config._attn_implementation, rows, embeds.dtype),
+        ).last_hidden_state
+
+    def _logits_of_every_position(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        causal_lm = self.causal_lm()
+        hidden = causal_lm.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=False,
+        ).last_hidden_state
+        return causal_lm.lm_head(hidden)
 
     def causal_lm(self) -> nn.Module:
         """The Qwen2-VL causal LM under any PEFT wrapper (LoRA layers are injected in place)."""
@@ -295,28 +351,30 @@ class AudioLLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def target_labels(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-    audio_token_id: int,
-) -> torch.Tensor:
-    """`labels` with everything that is not a target set to IGNORE_INDEX: audio placeholders
-    and padding (whatever the caller's labels say there) and column 0, which no position
-    predicts. Target tokens are the entries left != IGNORE_INDEX.
-
-    The one rule for what the loss scores: the model's LM and CTC losses and the trainer's
-    count of target tokens (`count_targets`, which normalises the loss across micro-batches and
-    ranks) all read it.
-    """
-    never = (input_ids == audio_token_id) | (attention_mask == 0)
-    never[:, 0] = True
-    return labels.masked_fill(never, IGNORE_INDEX)
-
-
-def count_targets(batch: dict[str, torch.Tensor], audio_token_id: int) -> int:
-    """Target tokens of a (host) training batch: what its LM loss sum adds up."""
-    targets = target_labels(
-        batch["input_ids"], batch["attention_mask"], batch["labels"], audio_token_id
-    )
-    return int((targets != IGNORE_INDEX).sum())
+def attention_inputs(
+    implementation: str, rows: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, object]:
+    """The LLM's attention arguments that keep each sample of a row to itself (and causal): for
+    rows of one right-padded sample (no `segment_ids`) none, causal attention is enough;
+    otherwise a 4-D mask built on the device from `segment_ids`, which transformers takes as it
+    is (from a 2-D one it reads the mask on the host), or flash-attention's varlen lengths
+    (`cu_seq_lens` over the flattened rows; the longest from a host tensor)."""
+    if implementation.startswith("flash"):
+        longest = int(rows["max_seq_len"])
+        return {
+            "attention_mask": None,
+            "cu_seq_lens_q": rows["cu_seq_lens"],
+            "cu_seq_lens_k": rows["cu_seq_lens"],
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    if "segment_ids" not in rows:
+        return {"attention_mask": None}
+    segments = rows["segment_ids"]
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    allowed = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+    if implementation == "eager":  # eager adds the mask to the scores: 0 or the dtype's min
+        zero = torch.zeros((), dtype=dtype, device=segments.device)
+        return {"attention_mask": torch.where(allowed, zero, torch.finfo(dtype).min)}
+    return {"attention_mask": allowed}

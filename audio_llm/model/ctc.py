@@ -33,6 +33,7 @@ beam reordering does.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,6 @@ from torch import nn
 
 from audio_llm import dist
 from audio_llm.errors import AudioLLMError
-from audio_llm.model.prompts import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from audio_llm.model.audio_llm import AudioLLM
@@ -234,32 +234,32 @@ class CTCHead:
         return blank if blank.is_file() else None
 
     def loss_sum(
-        self, model: AudioLLM, projected: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+        self, model: AudioLLM, projected: torch.Tensor, rows: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
         """CTC of the transcript tokens over the projected audio positions, summed over clips.
 
         Each position's logits are its dot products with the LLM's input embedding rows plus the
         learned blank vector, so the projector learns to write, in order, embeddings the LLM
-        already reads as those tokens. Targets are the label tokens (`target_labels`) without
-        end-of-turn; a clip with more targets than positions contributes nothing
-        (`zero_infinity`). Each clip's loss is divided by its target length, as torch's "mean"
-        does, and the clips are added (the caller divides by the clips of the batch or step).
+        already reads as those tokens. Targets are each clip's target tokens without
+        end-of-turn (`rows["transcripts"]`, concatenated, built by `model.rows`); a clip with
+        more targets than positions contributes nothing (`zero_infinity`). Each clip's loss is
+        divided by its target length, as torch's "mean" does, and the clips are added (the
+        caller divides by the clips of the batch or step). The lengths are host tensors: CTC
+        reads them as ints, which from the device would be a wait.
         """
         log_probs = self.log_probs(model, projected)
-        keep = (labels != IGNORE_INDEX) & (labels != model.prompts.eos_id)
-        targets = labels[keep]
-        target_lengths = keep.sum(1)
+        target_lengths = rows["transcript_lengths"]
         per_clip = nn.functional.ctc_loss(
             log_probs.transpose(0, 1),
-            targets,
-            lengths,
+            rows["transcripts"],
+            rows["clip_positions"],
             target_lengths,
             blank=log_probs.shape[-1] - 1,
             reduction="none",
             zero_infinity=True,
         )
-        per_clip = per_clip / target_lengths.clamp(min=1).to(per_clip.dtype)
-        return per_clip.sum()
+        divisor = target_lengths.clamp(min=1).to(per_clip.device, per_clip.dtype, non_blocking=True)
+        return (per_clip / divisor).sum()
 
     def log_probs(self, model: AudioLLM, projected: torch.Tensor) -> torch.Tensor:
         """float32 `[B, T, V + 1]`: per projected position, log-softmax over the LLM's input

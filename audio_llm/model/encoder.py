@@ -147,7 +147,9 @@ class AudioEncoder(nn.Module):
                 f"features have {n_mels} mel bins but the encoder expects {self.num_mel_bins}: "
                 "the feature extractor and encoder come from different checkpoints"
             )
-        if frames > self.max_mel_frames or int(lengths.max()) > self.max_mel_frames:
+        # Shapes only: reading `lengths` would make the device wait. Valid lengths never exceed
+        # the features' width (the collator pads to the longest clip).
+        if frames > self.max_mel_frames:
             raise AudioLLMError(
                 f"{frames} mel frames exceed Whisper's {self.max_mel_frames}-frame (30 s) window; "
                 "set data.long_audio to skip or truncate"
@@ -165,16 +167,15 @@ class AudioEncoder(nn.Module):
         floor = torch.clamp(clip_max - 2.0, min=-1.5)
         padded = torch.where(valid[:, None, :], padded, floor[:, None, None])
         hidden = self.whisper(padded).last_hidden_state
-        out_lengths = self.output_lengths(lengths)
-        return hidden[:, : int(out_lengths.max())], out_lengths
+        return hidden[:, : encoder_frames(frames)], self.output_lengths(lengths)
 
     def _forward_varlen(
         self, features: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """WhisperEncoder.forward on `max(lengths)` frames, with padding masked out."""
+        """WhisperEncoder.forward on the features' width (the longest clip's frames, as
+        collated), with padding masked out."""
         whisper = self.whisper
-        frames = int(lengths.max())
-        features = features[..., :frames]
+        frames = features.shape[-1]
         mel_valid = torch.arange(frames, device=features.device)[None, :] < lengths[:, None]
         # Zeros beyond each clip are what conv1's own zero padding shows a clip run alone ...
         hidden = nn.functional.gelu(whisper.conv1(features * mel_valid[:, None, :]))
@@ -185,11 +186,10 @@ class AudioEncoder(nn.Module):
         width = hidden.shape[1]
         hidden = hidden + whisper.embed_positions.weight[:width]
         valid = torch.arange(width, device=hidden.device)[None, :] < out_lengths[:, None]
-        mask = None
-        if not bool(valid.all()):
-            # Additive key mask [B, 1, 1, F], read alike by the eager and sdpa attention paths.
-            mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
-            mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        # Additive key mask [B, 1, 1, F], read alike by the eager and sdpa attention paths; always
+        # built (all zeros when no clip is padded): asking whether it is needed is a host read.
+        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
         for layer in whisper.layers:
             hidden = layer(hidden, mask)
         return whisper.layer_norm(hidden), out_lengths

@@ -372,15 +372,24 @@ def batch_flops(
 
 
 def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
-    """FLOPs of a collated training batch, read from its padded tensors (what the step runs).
+    """FLOPs of a collated training batch, read from its tensors (what the step runs).
 
     The encoder counts only for batches that run it (log-mel or waveforms, not precomputed
     encoder outputs); its output, and so the projector's input, is cut to the longest clip.
+    Packed batches (`data.pack_tokens`, several samples per LLM row) execute their LLM rows as
+    they are: rows x row length, each row attending over its whole width.
     """
-    from audio_llm.audio.frames import encoder_frames, mel_frames
     from audio_llm.model.audio_llm import target_labels
 
-    width_t = batch["input_ids"].shape[1]
+    width_t = int(batch["input_ids"].shape[1])
+    if "sample_lengths" in batch:  # collated (`model.rows`): per sample, packed or not
+        positions = batch["sample_lengths"].tolist()
+        scored = batch["sample_targets"].tolist()
+        rows = len(batch["input_ids"])
+        if len(positions) != rows:
+            padded = _clip_flops(shape, batch, positions, max(positions), scored)
+            return _as_packed(shape, padded, rows, width_t, sum(scored))
+        return _clip_flops(shape, batch, positions, width_t, scored)
     positions = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
     scored = None
     if "labels" in batch:  # the model's own rule for the positions its loss scores
@@ -388,23 +397,39 @@ def batch_flops_from_tensors(shape: ModelShape, batch: dict) -> BatchFlops:
             batch["input_ids"], batch["attention_mask"], batch["labels"], shape.audio_token_id
         )
         scored = [int(n) for n in (targets != -100).sum(dim=1).tolist()]
+    return _clip_flops(shape, batch, positions, width_t, scored)
+
+
+def _clip_flops(
+    shape: ModelShape,
+    batch: dict,
+    positions: list[int],
+    width_t: int,
+    scored: list[int] | None,
+) -> BatchFlops:
+    """`padded_batch_flops` of a batch's clips, one sample per row."""
+    from audio_llm.audio.frames import encoder_frames, mel_frames
+
     if "audio_embeds" in batch:
         frames = [int(n) for n in batch["audio_lengths"].tolist()]
-        return padded_batch_flops(
-            shape,
-            frames,
-            positions,
-            False,
-            int(batch["audio_embeds"].shape[1]),
-            int(width_t),
-            scored=scored,
-        )
+        width_f = int(batch["audio_embeds"].shape[1])
+        return padded_batch_flops(shape, frames, positions, False, width_f, width_t, None, scored)
     if "waveforms" in batch:
         mel = [mel_frames(int(n)) for n in batch["waveform_lengths"].tolist()]
     else:
         mel = [int(n) for n in batch["feature_lengths"].tolist()]
     frames = [int(encoder_frames(n)) for n in mel]
-    return padded_batch_flops(shape, frames, positions, True, None, int(width_t), mel, scored)
+    return padded_batch_flops(shape, frames, positions, True, None, width_t, mel, scored)
+
+
+def _as_packed(
+    shape: ModelShape, padded: BatchFlops, rows: int, width: int, scored: int
+) -> BatchFlops:
+    """`padded` (the clips one per row) with its executed LLM FLOPs and positions replaced by
+    those of `rows` packed rows of `width` positions; the audio side is the same."""
+    llm = training_flops(shape, 1, width, rows, False, scored=scored / rows).llm
+    executed = replace(padded.executed, llm=llm)
+    return replace(padded, executed=executed, positions_executed=rows * width)
 
 
 # Dense bf16 tensor-core peaks per device (vendor datasheets, without 2:4 sparsity), matched

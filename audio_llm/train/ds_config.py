@@ -153,6 +153,9 @@ def build_ds_config(
         where,
     )
     _fill(ds, "gradient_clipping", cfg.train.clip_grad, "train.clip_grad", where)
+    # DeepSpeed's throughput timer synchronises the device twice a micro-batch by default; the
+    # trainer times its steps itself (StepTimer). A config that names the timer keeps its say.
+    ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False, "synchronized": False})
 
     if "scheduler" in ds:
         raise AudioLLMError(

@@ -31,8 +31,8 @@ from audio_llm.data import ShardSet, build_train_loader, layout_of
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluation.evaluate import evaluate
 from audio_llm.evaluation.export import export_weights
-from audio_llm.model.audio_llm import count_targets
 from audio_llm.model.build import build_audio_llm
+from audio_llm.model.rows import count_clips, count_targets
 from audio_llm.planning.flops import ModelShape, flops_rates, resolve_peak_tflops, with_flops
 from audio_llm.train.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
 from audio_llm.train.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
@@ -198,7 +198,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
     for batch in micro:
         counts.update(batch["stats"])
     local = [sum(count_targets(b, module.audio_token_id) for b in micro)]
-    local.append(sum(len(b["labels"]) for b in micro))
+    local.append(sum(count_clips(b) for b in micro))
     targets, utterances = dist.sum_on_host(local)
     # DeepSpeed 0.19.8 divides the loss by gradient_accumulation_steps in engine.backward
     # (scale_wrt_gas) and the summed gradients by the data-parallel world size (ZeRO-1/2

@@ -223,3 +223,14 @@ def test_zero3_keeps_the_frozen_2b_base_resident():
     # offloading keeps parameters on the CPU: persistence would pull them back to the GPU
     offload = load_ds_json(CONFIGS / "zero3_offload.json")["zero_optimization"]
     assert offload["stage3_param_persistence_threshold"] <= 10**6
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_synchronised_throughput_timer_is_off_unless_a_config_asks(name):
+    """DeepSpeed's throughput timer synchronises the device twice a micro-batch by default."""
+    source = load_ds_json(CONFIGS / f"{name}.json")
+    ds = build_ds_config(source, run_cfg(), world_size=1, cuda=True)
+    assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}
+    asked = {**source, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    ds = build_ds_config(asked, run_cfg(), world_size=1, cuda=True)
+    assert ds["timers"]["throughput"] == {"enabled": True, "synchronized": False}
