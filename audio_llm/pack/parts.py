@@ -196,12 +196,12 @@ class PackState:
         ]
 
     def remove_stale(self, plan: dict, keep: set[str]) -> None:
-        """After the index is written: shards of ours it does not list, and records and
-        temporary files of blocks beyond the plan (left by an earlier, larger pack)."""
+        """After the index is written (every block done): shards of ours it does not list,
+        temporary shard files a killed run left, and records of blocks beyond the plan (left by
+        an earlier, larger pack). Not temporary index files: a merge running beside this one
+        (two parts finishing together) may be writing one now."""
         for path in self._shard_files():
-            block = _block_of(self.prefix, path.name)
-            stale_tmp = path.name.startswith(".") and block >= plan["blocks"]
-            if (not path.name.startswith(".") and path.name not in keep) or stale_tmp:
+            if path.name not in keep:
                 path.unlink(missing_ok=True)
         for path in self.dir.glob("block-*.json"):
             if int(path.stem.partition("-")[2]) >= plan["blocks"]:

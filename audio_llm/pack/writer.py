@@ -451,6 +451,9 @@ def pack_part(inputs: list[str | Path], options: PackOptions) -> PartResult:
     label = "pack" if options.part.count == 1 else f"pack part {options.part}"
     progress = PackProgress(sum(clips), done, label, options.quiet)
     samples = 0
+    if options.part.count == 1:  # alone: no other part can be merging right now
+        for leftover in options.out.glob(f".{INDEX_NAME}.*.tmp"):
+            leftover.unlink()
     if todo:
         (options.out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the merge
         state.clear_blocks(todo)
