@@ -397,13 +397,15 @@ def _pack_blocks(job: _Job, blocks: list[int], progress: PackProgress) -> int:
     current: _BlockPacker | None = None
     samples = 0
     try:
-        for (block, (_, utt)), item in zip(work, stream, strict=True):
-            if current is None or current.block != block:
-                samples += current.finish() if current is not None else 0
-                current = _BlockPacker(job, block)
+        for at, ((block, (_, utt)), item) in enumerate(zip(work, stream, strict=True)):
+            current = current or _BlockPacker(job, block)
             current.add(utt, item)
             progress.update()
-        samples += current.finish() if current is not None else 0
+            # Finish a block at its last input, not when the next one arrives: a fault while
+            # preparing the next block must not cost this one.
+            if at + 1 == len(work) or work[at + 1][0] != block:
+                samples += current.finish()
+                current = None
     except BaseException:
         if current is not None:
             current.abort()
