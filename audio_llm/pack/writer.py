@@ -447,24 +447,22 @@ def pack_part(inputs: list[str | Path], options: PackOptions) -> PartResult:
     blocks = options.part.blocks(plan["blocks"])
     kept = [] if options.overwrite else [b for b in blocks if state.kept_record(b, plan)]
     todo = [b for b in blocks if b not in kept]
-    size = len(tasks)
-    clips = [min(options.max_samples, size - b * options.max_samples) for b in blocks]
+    size = options.max_samples
+    clips = [min(size, len(tasks) - b * size) for b in blocks]  # inputs per block
     done = sum(n for b, n in zip(blocks, clips, strict=True) if b in kept)
     label = "pack" if options.part.count == 1 else f"pack part {options.part}"
     progress = PackProgress(sum(clips), done, label, options.quiet)
-    samples = 0
     if options.part.count == 1:  # alone: no other part can be merging right now
         for leftover in options.out.glob(f".{INDEX_NAME}.*.tmp"):
             leftover.unlink()
-    if todo:
-        (options.out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the merge
-        state.clear_blocks(todo)
-        job = _Job(options, tasks, setup, plan, state, _skip_log(progress, options.quiet))
-        try:
+    samples = 0
+    try:
+        if todo:
+            (options.out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the merge
+            state.clear_blocks(todo)
+            job = _Job(options, tasks, setup, plan, state, _skip_log(progress, options.quiet))
             samples = _pack_blocks(job, todo, progress)
-        finally:
-            progress.close()
-    else:
+    finally:
         progress.close()
     index = None if state.missing_blocks(plan) else merge(options.out)
     return PartResult(options.part, blocks, kept, todo, samples, index)
