@@ -234,3 +234,16 @@ def test_a_block_with_every_input_skipped_leaves_a_gap_in_the_names(manifest, tm
     names = [s["name"] for s in index["shards"]]
     assert len(names) == N_CLIPS and "shard-000005.tar" not in names  # u04a: missing file
     assert "shard-000006.tar" in names and verify(out) == []
+
+
+def test_parts_left_unfinished_can_be_finished_by_one_process(manifest, tmp_path, monkeypatch):
+    """The part count is not part of the plan: one process completes what parts began."""
+    out = tmp_path / "out"
+    for index in (0, 2):
+        pack_part([manifest], PackOptions(out=out, max_samples=3, part=Part(index, 3), quiet=True))
+    calls = _counting_encoder(monkeypatch)
+    result = pack_part([manifest], PackOptions(out=out, max_samples=3, quiet=True))
+    assert (result.kept, result.packed) == ([0, 2, 3], [1])
+    assert len(calls) == 2  # block 1: u03, u04 (u04a is missing)
+    single = pack([manifest], PackOptions(out=tmp_path / "one", max_samples=3, quiet=True))
+    assert result.index == single and _output(out) == _output(tmp_path / "one")
