@@ -86,3 +86,38 @@ def test_torchrun_part_auto(packed, tmp_path):
     for part in range(3):
         assert f"part {part}/3: blocks {part}-{part}" in run.stdout
     assert _same_output(out, one)
+
+
+KILLED_PACK = """
+import os, signal, sys
+from audio_llm.cli import main
+from audio_llm.pack import prepare
+
+real, calls = prepare.encode_flac, []
+
+def encode(audio):
+    calls.append(1)
+    if len(calls) == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no cleanup: as the OOM killer does
+    return real(audio)
+
+prepare.encode_flac = encode
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_pack_then_resume_equals_one_pack(packed, tmp_path):
+    manifest, one = packed
+    out = tmp_path / "out"
+    args = ["pack", "--input", str(manifest), "--out", str(out), "--max-samples", "3", "--quiet"]
+    cmd = [sys.executable, "-c", KILLED_PACK, *args]
+    run = subprocess.run(cmd, env=worker_env(KILL_AT="5"), capture_output=True, timeout=120)
+    assert run.returncode == -9  # in block 1: block 0 is finished, block 1's shard half written
+    assert [p.name for p in out.glob("*.tar")] == ["shard-000000.tar"]
+    assert len(list(out.glob(".shard-000001.tar.*.tmp"))) == 1
+    kept = (out / "shard-000000.tar").stat()
+    run = subprocess.run(cmd, env=worker_env(KILL_AT="0"), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "kept 1 finished block(s)" in run.stdout.decode()
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept.st_mtime_ns
+    assert not list(out.glob(".*.tmp")) and _same_output(out, one)
