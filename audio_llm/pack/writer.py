@@ -1,15 +1,18 @@
-"""`audio-llm pack`: the shard writer, the report and the `pack()` driver (manifests.py reads the
-inputs, prepare.py turns each into a sample, verify.py checks the result, cli/pack.py the flags).
+"""`audio-llm pack`: the shard writer and the `pack()` driver (manifests.py reads the inputs,
+prepare.py turns each into a sample, parts.py cuts the input into blocks and keeps the resume
+state, merge.py writes index.json, verify.py checks the result, cli/pack.py has the flags).
 
 One sample is `KEY.json` plus exactly one payload: `KEY.flac` (mode audio), `KEY.mel.npy`
 (mode mel) or `KEY.enc.npy` (mode encoder). The format is described for users in shards/README.md.
 
 Invariants this module keeps:
-- Deterministic: samples are sorted by id (optionally shuffled with a seed) and tar headers carry no
-  time or owner, so the same input and options give byte-identical shards and checksums.
+- Deterministic: samples are sorted by id (optionally shuffled with a seed), cut into blocks of
+  --max-samples (block b -> shard b, see parts.py) and tar headers carry no time or owner, so the
+  same input and options give byte-identical shards and checksums, in one process or in N parts.
 - Atomic: every shard and the index are written under a temporary name and `os.replace`d; the index
   comes last, so a folder with an index.json is complete and a crash never leaves a half shard under
-  a final name.
+  a final name. A block's record (parts.py) comes after its shards, so a resumed pack knows which
+  blocks are done.
 - Counted: every input utterance is either written, truncated-and-written, or skipped for a named
   reason; the report is printed and stored in index.json.
 """
@@ -21,35 +24,35 @@ import json
 import os
 import random
 import re
-import sys
 import tarfile
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from audio_llm import __version__
 from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.data.shards import FORMAT_VERSION, INDEX_NAME
 from audio_llm.data.shards import PAYLOADS as PAYLOAD_SUFFIX
 from audio_llm.errors import AudioLLMError
-from audio_llm.files import atomic_write_bytes, fsync_dir, sha256_file, temp_file
+from audio_llm.files import fsync_dir, sha256_file, temp_file
 from audio_llm.pack.manifests import Utterance, read_inputs
+from audio_llm.pack.merge import merge
+from audio_llm.pack.parts import PackState, Part, block_count, fingerprint, shard_name
 from audio_llm.pack.prepare import (
     MAX_SECONDS,
-    SKIP_REASONS,
     EncoderBatcher,
     PackSettings,
     Prepared,
     Skipped,
     prepared_stream,
 )
+from audio_llm.pack.progress import PackProgress
+from audio_llm.pack.report import SKIP_LOG_LIMIT, PackReport, report_summary
 
 MODES = tuple(PAYLOAD_SUFFIX)
-SKIP_LOG_LIMIT = 10  # skipped samples named per reason before the log only counts them
+__all__ = ["MODES", "PackOptions", "assign_keys", "pack", "pack_part", "report_summary"]
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -79,14 +82,17 @@ def _tar_member_bytes(size: int) -> int:
 
 
 class ShardWriter:
-    """Writes samples into `PREFIX-000000.tar`, ... rolling over at max samples / max bytes.
+    """Writes one block's samples into `PREFIX-{block:06d}.tar`, rolling over to
+    `PREFIX-{block:06d}-1.tar`, ... before a shard would exceed max samples / max bytes.
 
     Each shard is built under a temporary name and renamed only when complete; tar headers have
     fixed mtime/owner/mode so the bytes depend only on the samples.
     """
 
-    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int) -> None:
-        self.out_dir, self.prefix = out_dir, prefix
+    def __init__(
+        self, out_dir: Path, prefix: str, block: int, max_samples: int, max_bytes: int
+    ) -> None:
+        self.out_dir, self.prefix, self.block = out_dir, prefix, block
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
@@ -116,7 +122,7 @@ class ShardWriter:
         self._seconds += seconds
 
     def _start(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = shard_name(self.prefix, self.block, len(self.shards))
         fd, self._tmp = temp_file(self.out_dir, name)
         self._file = os.fdopen(fd, "wb")
         # Closed in _finish/abort: the archive spans many add() calls, so no `with` block.
@@ -126,7 +132,7 @@ class ShardWriter:
         self._samples, self._seconds = 0, 0.0
 
     def _finish(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = shard_name(self.prefix, self.block, len(self.shards))
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -160,75 +166,6 @@ class ShardWriter:
         self._tar = self._file = self._tmp = None
 
 
-# ----------------------------------------------------------------------------- report
-
-
-@dataclass
-class PackReport:
-    """What happened to every input utterance."""
-
-    inputs: int = 0
-    samples: int = 0
-    seconds: float = 0.0
-    truncated: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    commands: int = 0  # wav.scp commands run (--allow-pipes)
-    command_examples: list[str] = field(default_factory=list)
-
-    def skip(self, item: Skipped, log: Callable[[str], None] | None) -> None:
-        self.skipped[item.reason] += 1
-        if len(self.examples[item.reason]) < SKIP_LOG_LIMIT:
-            self.examples[item.reason].append(f"{item.utt_id}: {item.detail}")
-            if log is not None:
-                log(f"skip ({item.reason.replace('_', ' ')}) {item.utt_id}: {item.detail}")
-
-    def ran_command(self, utt: Utterance, log: Callable[[str], None] | None) -> None:
-        self.commands += 1
-        if len(self.command_examples) < SKIP_LOG_LIMIT:
-            self.command_examples.append(f"{utt.id}: {utt.command}")
-            if log is not None:
-                log(f"ran (--allow-pipes) {self.command_examples[-1]}")
-
-    def to_dict(self) -> dict:
-        report = {
-            "inputs": self.inputs,
-            "samples_written": self.samples,
-            "hours_written": round(self.seconds / 3600, 6),
-            "truncated": self.truncated,
-            "skipped": {reason: self.skipped[reason] for reason in SKIP_REASONS},
-            "skipped_total": sum(self.skipped.values()),
-            "skip_examples": {r: self.examples[r] for r in SKIP_REASONS if self.examples[r]},
-        }
-        if self.commands:  # only with --allow-pipes: what ran, for the record
-            report["commands_run"] = self.commands
-            report["command_examples"] = self.command_examples
-        return report
-
-
-def report_summary(report: dict) -> str:
-    """The human-readable report of `PackReport.to_dict()` (as stored in index.json)."""
-    skipped = report["skipped"]
-    counts = ", ".join(f"{r.replace('_', ' ')} {skipped[r]}" for r in SKIP_REASONS)
-    lines = [
-        f"wrote {report['samples_written']} of {report['inputs']} samples "
-        f"({report['hours_written']:.3f} h)",
-        f"skipped {report['skipped_total']}: {counts}",
-        f"truncated to {MAX_SECONDS:g} s: {report['truncated']}",
-    ]
-    unnamed = {r: n - SKIP_LOG_LIMIT for r, n in skipped.items() if n > SKIP_LOG_LIMIT}
-    if unnamed:
-        more = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in unnamed.items())
-        lines.append(f"(skips not named individually: {more})")
-    if report.get("commands_run"):
-        examples = report["command_examples"]
-        lines.append(f"ran {report['commands_run']} wav.scp command(s) (--allow-pipes):")
-        lines += [f"  {command}" for command in examples]
-        if report["commands_run"] > len(examples):
-            lines.append(f"  ... and {report['commands_run'] - len(examples)} more like these")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- pack
 
 
@@ -257,6 +194,7 @@ class PackOptions:
     overwrite: bool = False
     quiet: bool = False
     allow_pipes: bool = False
+    part: Part = field(default_factory=Part)  # which blocks this process packs (--part I/N)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -291,38 +229,8 @@ def _feature_extractor(options: PackOptions):
     return WhisperFeatureExtractor(feature_size=options.n_mels)
 
 
-def _prepare_out_dir(options: PackOptions) -> None:
-    out = options.out
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob(f"{options.prefix}-*.tar")) + sorted(out.glob(INDEX_NAME))
-    if old and not options.overwrite:
-        raise AudioLLMError(
-            f"{out} already holds {old[0].name}"
-            + (f" and {len(old) - 1} more" if old[1:] else "")
-            + "; pick another --out or pass --overwrite"
-        )
-    # Drop the old index first: until the new one lands, the folder reads as incomplete.
-    (out / INDEX_NAME).unlink(missing_ok=True)
-    # Temporary files a killed run left behind (never under a final name, but still litter).
-    for pattern in (f".{options.prefix}-*.tar.*.tmp", f".{INDEX_NAME}.*.tmp"):
-        for leftover in out.glob(pattern):
-            leftover.unlink()
-
-
-def _remove_stale_shards(options: PackOptions, written: list[dict]) -> None:
-    keep = {s["name"] for s in written}
-    for path in options.out.glob(f"{options.prefix}-*.tar"):
-        ours = re.fullmatch(re.escape(options.prefix) + r"-\d{6}\.tar", path.name)
-        if ours and path.name not in keep:
-            path.unlink()
-
-
-def pack(inputs: list[str | Path], options: PackOptions) -> dict:
-    """Pack `inputs` into shards under `options.out`; returns the index (also written there).
-
-    With `options.workers > 1` worker processes are spawned, so a script calling this needs the
-    usual `if __name__ == "__main__":` guard.
-    """
+def read_tasks(inputs: list[str | Path], options: PackOptions) -> list[tuple[str, Utterance]]:
+    """(key, utterance) of every input in packing order: sorted by id, then shuffled if asked."""
     utterances = read_inputs(inputs, options.fmt, options.allow_pipes)
     if not utterances:
         raise AudioLLMError(f"no utterances found in {', '.join(map(str, inputs))}")
@@ -331,9 +239,22 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
     tasks = list(zip(assign_keys(u.id for u in utterances), utterances, strict=True))
     if options.shuffle:
         random.Random(options.seed).shuffle(tasks)
+    return tasks
 
-    features = encoder_info = batcher = None
-    mel_filters = None
+
+@dataclass
+class PayloadSetup:
+    """How samples become payloads: the worker settings, the features and the encoder."""
+
+    settings: PackSettings
+    features: dict | None = None
+    batcher: EncoderBatcher | None = None
+    encoder_info: dict | None = None
+
+
+def payload_setup(options: PackOptions) -> PayloadSetup:
+    """Load the feature extractor (modes mel, encoder) and the encoder (mode encoder)."""
+    features = batcher = encoder_info = mel_filters = None
     if options.mode != "audio":
         from audio_llm.audio.features import feature_settings
 
@@ -356,85 +277,204 @@ def pack(inputs: list[str | Path], options: PackOptions) -> dict:
     settings = PackSettings(
         options.mode, options.long_audio, options.min_seconds, mel_filters, options.allow_pipes
     )
+    return PayloadSetup(settings, features, batcher, encoder_info)
 
-    _prepare_out_dir(options)
-    report = PackReport(inputs=len(tasks))
-    writer = ShardWriter(options.out, options.prefix, options.max_samples, options.max_bytes)
-    payload = PAYLOAD_SUFFIX[options.mode]
-    progress = tqdm(
-        total=len(tasks),
-        unit="utt",
-        desc="pack",
-        file=sys.stderr,
-        disable=options.quiet or not sys.stderr.isatty(),
-    )
-    log = None if options.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
 
-    def write(sample: Prepared) -> None:
-        meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        writer.add(sample.key, [("json", meta), (payload, sample.payload)], sample.meta["duration"])
-        report.samples += 1
-        report.seconds += sample.meta["duration"]
-        report.truncated += sample.truncated
-
-    stream = prepared_stream(tasks, settings, options.workers)
-    try:
-        for (_, utt), item in zip(tasks, stream, strict=True):
-            progress.update()
-            # prepare_sample runs an utterance's command unless its transcript is empty
-            ran = utt.command is not None
-            if ran and not (isinstance(item, Skipped) and item.reason == "empty_text"):
-                report.ran_command(utt, log)
-            if isinstance(item, Skipped):
-                report.skip(item, log)
-            elif batcher is None:
-                write(item)
-            else:
-                for sample in batcher.add(item):
-                    write(sample)
-        if batcher is not None:
-            for sample in batcher.flush():
-                write(sample)
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        stream.close()  # stops the worker pool, also on errors
-        progress.close()
-
-    if report.samples == 0:
-        raise AudioLLMError(
-            f"no samples written from {len(tasks)} utterances; nothing was written to "
-            f"{options.out}.\n{report_summary(report.to_dict())}"
-        )
-    index = {
+def make_plan(options: PackOptions, tasks: list, setup: PayloadSetup) -> dict:
+    """What this pack is (parts.py): the index's settings and a fingerprint of everything that
+    changes a byte of output. Not the part or the worker count: those never change bytes, so
+    a pack may resume with other ones."""
+    head = {
         "format": "audio_llm.shards",
         "format_version": FORMAT_VERSION,
         "created_by": f"audio_llm {__version__}",
         "mode": options.mode,
-        "payload": payload,
+        "payload": PAYLOAD_SUFFIX[options.mode],
         "sample_rate": SAMPLE_RATE,
-        "shards": shards,
-        "totals": {
-            "shards": len(shards),
-            "samples": report.samples,
-            "seconds": round(sum(s["seconds"] for s in shards), 3),
-            "hours": round(report.seconds / 3600, 6),
-            "bytes": sum(s["bytes"] for s in shards),
-        },
-        "features": features,
-        "encoder": encoder_info,
+        "features": setup.features,
+        "encoder": setup.encoder_info,
         "length_policy": {
             "max_seconds": MAX_SECONDS,
             "long_audio": options.long_audio,
             "min_seconds": options.min_seconds,
         },
         "order": {"sorted_by": "id", "shuffle": options.shuffle, "seed": options.seed},
-        "report": report.to_dict(),
     }
-    # The index goes last: its presence means every shard it lists is complete.
-    text = json.dumps(index, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    atomic_write_bytes(options.out / INDEX_NAME, text.encode("utf-8"))
-    _remove_stale_shards(options, shards)
-    return index
+    settings = {"index": head, "prefix": options.prefix, "max_samples": options.max_samples}
+    settings["max_bytes"] = options.max_bytes
+    if options.mode == "encoder":  # a batch's padding can change the last bits of its outputs
+        settings |= {"batch_size": options.batch_size, "dtype": options.dtype}
+    return {
+        "fingerprint": fingerprint(settings, tasks),
+        "blocks": block_count(len(tasks), options.max_samples),
+        "inputs": len(tasks),
+        "prefix": options.prefix,
+        "max_samples": options.max_samples,
+        "index": head,
+    }
+
+
+@dataclass
+class PartResult:
+    """What `pack_part` did: blocks kept from an earlier run and packed now; the index when
+    this part completed the pack (it was alone or the last to finish), else None."""
+
+    part: Part
+    blocks: range
+    kept: list[int]
+    packed: list[int]
+    samples: int
+    index: dict | None
+
+
+@dataclass
+class _Job:
+    options: PackOptions
+    tasks: list[tuple[str, Utterance]]
+    setup: PayloadSetup
+    plan: dict
+    state: PackState
+    log: Callable[[str], None] | None
+
+    def block_tasks(self, block: int) -> list[tuple[str, Utterance]]:
+        size = self.options.max_samples
+        return self.tasks[block * size : (block + 1) * size]
+
+
+class _BlockPacker:
+    """One block: its shards, then its record (after the shards, so a record means done)."""
+
+    def __init__(self, job: _Job, block: int) -> None:
+        options = job.options
+        self.job, self.block = job, block
+        self.writer = ShardWriter(
+            options.out, options.prefix, block, options.max_samples, options.max_bytes
+        )
+        self.report = PackReport()
+        self.payload = PAYLOAD_SUFFIX[options.mode]
+
+    def add(self, utt: Utterance, item: Prepared | Skipped) -> None:
+        report, batcher = self.report, self.job.setup.batcher
+        report.inputs += 1
+        # prepare_sample runs an utterance's command unless its transcript is empty
+        ran = utt.command is not None
+        if ran and not (isinstance(item, Skipped) and item.reason == "empty_text"):
+            report.ran_command(utt, self.job.log)
+        if isinstance(item, Skipped):
+            report.skip(item, self.job.log)
+        elif batcher is None:
+            self._write(item)
+        else:
+            for sample in batcher.add(item):
+                self._write(sample)
+
+    def _write(self, sample: Prepared) -> None:
+        meta = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        members = [("json", meta), (self.payload, sample.payload)]
+        self.writer.add(sample.key, members, sample.meta["duration"])
+        self.report.samples += 1
+        self.report.seconds += sample.meta["duration"]
+        self.report.truncated += sample.truncated
+
+    def finish(self) -> int:
+        """Close the block's last shard and record it; returns the samples written."""
+        # Encoder batches end with the block, so a shard's bytes never depend on its neighbours.
+        if self.job.setup.batcher is not None:
+            for sample in self.job.setup.batcher.flush():
+                self._write(sample)
+        shards = self.writer.close()
+        self.job.state.write_record(self.block, self.job.plan, shards, self.report.to_state())
+        return self.report.samples
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _pack_blocks(job: _Job, blocks: list[int], progress: PackProgress) -> int:
+    """Pack `blocks` through one worker pool; returns the samples written."""
+    work = [(block, task) for block in blocks for task in job.block_tasks(block)]
+    stream = prepared_stream([task for _, task in work], job.setup.settings, job.options.workers)
+    current: _BlockPacker | None = None
+    samples = 0
+    try:
+        for at, ((block, (_, utt)), item) in enumerate(zip(work, stream, strict=True)):
+            current = current or _BlockPacker(job, block)
+            current.add(utt, item)
+            progress.update()
+            # Finish a block at its last input, not when the next one arrives: a fault while
+            # preparing the next block must not cost this one.
+            if at + 1 == len(work) or work[at + 1][0] != block:
+                samples += current.finish()
+                current = None
+    except BaseException:
+        if current is not None:
+            current.abort()
+        raise
+    finally:
+        stream.close()  # stops the worker pool, also on errors
+    return samples
+
+
+def _skip_log(progress: PackProgress, quiet: bool) -> Callable[[str], None] | None:
+    """Skip and command lines, SKIP_LOG_LIMIT per kind for the whole part (a block's report
+    limits its own examples, but a part has many blocks)."""
+    if quiet:
+        return None
+    shown: dict[str, int] = {}
+
+    def log(message: str) -> None:
+        kind = message.partition(")")[0]
+        shown[kind] = shown.get(kind, 0) + 1
+        if shown[kind] <= SKIP_LOG_LIMIT:
+            progress.write(message)
+
+    return log
+
+
+def pack_part(inputs: list[str | Path], options: PackOptions) -> PartResult:
+    """Pack the blocks of `options.part` into `options.out`, keeping blocks an interrupted run
+    finished; writes index.json when no block of any part is left (see parts.py, merge.py).
+
+    With `options.workers > 1` worker processes are spawned, so a script calling this needs the
+    usual `if __name__ == "__main__":` guard.
+    """
+    tasks = read_tasks(inputs, options)
+    setup = payload_setup(options)
+    plan = make_plan(options, tasks, setup)
+    options.out.mkdir(parents=True, exist_ok=True)
+    state = PackState(options.out, options.prefix)
+    state.claim(plan, options.overwrite)
+    blocks = options.part.blocks(plan["blocks"])
+    kept = [] if options.overwrite else [b for b in blocks if state.kept_record(b, plan)]
+    todo = [b for b in blocks if b not in kept]
+    size = options.max_samples
+    clips = [min(size, len(tasks) - b * size) for b in blocks]  # inputs per block
+    done = sum(n for b, n in zip(blocks, clips, strict=True) if b in kept)
+    label = "pack" if options.part.count == 1 else f"pack part {options.part}"
+    progress = PackProgress(sum(clips), done, label, options.quiet)
+    if options.part.count == 1:  # alone: no other part can be merging right now
+        for leftover in options.out.glob(f".{INDEX_NAME}.*.tmp"):
+            leftover.unlink()
+    samples = 0
+    try:
+        if todo:
+            (options.out / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the merge
+            state.clear_blocks(todo)
+            job = _Job(options, tasks, setup, plan, state, _skip_log(progress, options.quiet))
+            samples = _pack_blocks(job, todo, progress)
+    finally:
+        progress.close()
+    index = None if state.missing_blocks(plan) else merge(options.out)
+    return PartResult(options.part, blocks, kept, todo, samples, index)
+
+
+def pack(inputs: list[str | Path], options: PackOptions) -> dict:
+    """Pack all of `inputs` into shards under `options.out` in this process (part 0/1 unless
+    `options.part` says otherwise); returns the index (also written there)."""
+    result = pack_part(inputs, options)
+    if result.index is None:
+        raise AudioLLMError(
+            f"part {options.part} of {options.out} is packed, other parts are not yet; "
+            f"`audio-llm pack --merge {options.out}` writes the index once they are"
+        )
+    return result.index

@@ -20,6 +20,7 @@ from audio_llm.errors import AudioLLMError
 from audio_llm.model.encoder import AudioEncoder, encoder_identity, load_whisper_encoder
 from audio_llm.pack import prepare as prepare_module
 from audio_llm.pack.manifests import Utterance, read_inputs
+from audio_llm.pack.parts import STATE_DIR
 from audio_llm.pack.prepare import PackSettings
 from audio_llm.pack.verify import verify
 from audio_llm.pack.writer import PackOptions, assign_keys, pack
@@ -80,7 +81,9 @@ def corpus(tmp_path) -> Path:
 
 
 def _only_final_files(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir())
+    """Shards, index and temporary files; not the resume state (its own tests are in
+    test_parts.py)."""
+    return sorted(p.name for p in out.iterdir() if p.name != STATE_DIR)
 
 
 # ----------------------------------------------------------------------------- audio mode
@@ -587,7 +590,8 @@ def test_bad_manifest_line_is_named(tmp_path):
 def test_existing_output_needs_overwrite_and_stale_shards_go(corpus, tmp_path):
     out = tmp_path / "out"
     pack([corpus], PackOptions(out=out, max_samples=1, quiet=True))
-    assert _only_final_files(out) == ["index.json", "shard-000000.tar", "shard-000001.tar"]
+    # one input per block: the two written samples are inputs 3 and 6 in id order
+    assert _only_final_files(out) == ["index.json", "shard-000003.tar", "shard-000006.tar"]
     with pytest.raises(AudioLLMError, match="--overwrite"):
         pack([corpus], PackOptions(out=out, quiet=True))
     (out / ".shard-000000.tar.abc123.tmp").write_bytes(b"left by a killed run")
