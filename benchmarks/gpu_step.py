@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     shape = ModelShape.from_model(model)
-    flops = batch_flops_from_tensors(shape, {k: v.cpu() for k, v in batch.items()}).executed
+    counted = batch_flops_from_tensors(shape, {k: v.cpu() for k, v in batch.items()})
+    flops = counted.executed
 
     times = []
     for step in range(args.warmup + args.steps):
@@ -233,6 +234,9 @@ def run(args: argparse.Namespace) -> dict:
             "total": flops.total,
         },
         "tflops_per_device": tflops,
+        # real tokens at each row's own length (valid encoder frames): the MFU PaLM defines
+        "useful_flops_per_step": counted.useful.total,
+        "useful_tflops_per_device": counted.useful.total / step_s / 1e12,
         "peak_tflops": args.peak_tflops,
         "mfu": tflops / args.peak_tflops,
         "max_memory_allocated_gib": memory,
