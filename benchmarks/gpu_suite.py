@@ -42,6 +42,7 @@ figures are the CPU's, useful for the per-step host overhead of the DeepSpeed pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -297,19 +298,39 @@ def _tail(text: str, lines: int = 6) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a run and everything it started (deepspeed's launcher leaves its ranks running
-    otherwise, holding the GPU): SIGTERM to its process group, SIGKILL 10 s later."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+def _group_alive(group: int) -> bool:
+    """Whether a process of `group` is still running (zombies have ended: not counted)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: ask the kernel, zombies included
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(group, 0)
+            return True
         except ProcessLookupError:
-            return
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            state, _, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended while we looked
+        if int(pgrp) == group and state != "Z":
+            return True
+    return False
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a run and everything it started (deepspeed's launcher can leave its ranks running,
+    holding the GPU): SIGTERM to its process group, then SIGKILL to what is left after `grace`
+    seconds (a rank writes its probe record on SIGTERM)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    ends = time.monotonic() + grace
+    while time.monotonic() < ends and _group_alive(proc.pid):
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):  # all gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _run(
