@@ -13,7 +13,9 @@ other positions, all rows the same length, so nothing is padding.
 
 Reported: mean step time over the timed steps (after `--warmup`), LLM tokens (positions) per
 second, the analytic training FLOPs of the batch (`planning.flops`, the figure the trainer logs),
-achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory.
+achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory,
+and the batch's useful FLOPs (`useful_flops_per_step`: each row at its own length, valid encoder
+frames only; the seed settings' padded 30 s window is executed, not useful).
 The FLOP count takes attention over the full T x T; causal kernels execute about half of it, a few
 percent of the total at these lengths.
 

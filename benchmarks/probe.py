@@ -13,7 +13,7 @@ test reports about itself, and so cannot be fooled by it:
   (`planning.flops.batch_flops_from_tensors`: useful = real tokens at each sample's own length),
   recorded by wrapping the trainer's `with_flops` stage; absent if the trainer has none;
 - `generate`: per `transcribe_samples` call (one eval batch), its utterances, wall seconds and
-  hypothesis tokens,
+  generated tokens (`AudioLLM.generate`'s new ids, up to each row's end),
   the seconds spent inside the joint CTC `LogitsProcessor`, and on CUDA, for one batch, the
   device's kernel time under `torch.profiler` (the rest of that batch's wall time is the host's).
 
@@ -97,6 +97,7 @@ def _time_generation() -> None:
     """Wrap eval's per-batch transcription and the joint CTC scorer with wall clocks."""
     from audio_llm.evaluation import evaluate
     from audio_llm.model import ctc
+    from audio_llm.model.audio_llm import AudioLLM
 
     cuda = torch.cuda.is_available()
     calls: list[dict[str, Any]] = []
@@ -117,10 +118,18 @@ def _time_generation() -> None:
         in_ctc[0] += time.perf_counter() - began
         return out
 
+    generated = [0]
+    generate = AudioLLM.generate
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> list[list[int]]:
+        ids = generate(self, *args, **kwargs)
+        generated[0] += sum(len(row) for row in ids)
+        return ids
+
     original = evaluate.transcribe_samples
 
     def timed(model: Any, collator: Any, samples: list, *args: Any, **kwargs: Any) -> list[str]:
-        in_ctc[0] = 0.0
+        in_ctc[0], generated[0] = 0.0, 0
         row: dict[str, Any] = {"utterances": len(samples)}
         profile = cuda and len(calls) == PROFILED_BATCH
         sync()
@@ -143,13 +152,12 @@ def _time_generation() -> None:
         sync()
         row.setdefault("wall_s", time.perf_counter() - began)
         row["ctc_s"] = in_ctc[0]
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:  # tokens generated: what decoding time scales with
-            row["tokens"] = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+        row["tokens"] = generated[0]  # new tokens up to each row's end: what decoding scales with
         calls.append(row)
         return texts
 
     ctc.CTCPrefixScorer.__call__ = timed_scorer
+    AudioLLM.generate = counted
     evaluate.transcribe_samples = timed
     RECORD["instruments"].append("generate")
 

@@ -64,6 +64,7 @@ def test_tiny_suite_runs_every_row_and_copies_each_to_out(tmp_path):
     for name in ("eval-greedy", "eval-beam-ctc"):
         d = rows[name]["details"]
         assert d["utterances"] == 4 and d["utterances_per_s"] > 0, name
+        assert 0 <= d["hypothesis_tokens_mean"] <= 48, name  # the demo's max_new_tokens
     assert rows["eval-greedy"]["details"]["ctc_share"] == 0
     assert 0 < rows["eval-beam-ctc"]["details"]["ctc_share"] < 1
     durations = report["mixed_durations"]
