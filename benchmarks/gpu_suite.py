@@ -359,6 +359,9 @@ def _run(
             _stop(proc)
             row.error = f"timed out after {timeout:g} s (log: {log})"
             return False
+        except BaseException:  # the suite itself is stopped: its run must not outlive it
+            _stop(proc, grace=2.0)
+            raise
     if code != 0:
         row.error = f"exit {code}: {_tail(log.read_text(encoding='utf-8', errors='replace'))}"
     return code == 0
@@ -930,6 +933,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (a device call at its limit) unwinds like an exception: the running launch is
+    # stopped with its ranks, and the rows already finished are on disk.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = run_suite(args)
