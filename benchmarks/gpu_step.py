@@ -13,7 +13,9 @@ other positions, all rows the same length, so nothing is padding.
 
 Reported: mean step time over the timed steps (after `--warmup`), LLM tokens (positions) per
 second, the analytic training FLOPs of the batch (`planning.flops`, the figure the trainer logs),
-achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory.
+achieved TFLOP/s and MFU against `--peak-tflops` (default 989: H100 SXM dense bf16), peak memory,
+and the batch's useful FLOPs (`useful_flops_per_step`: each row at its own length, valid encoder
+frames only; the seed settings' padded 30 s window is executed, not useful).
 The FLOP count takes attention over the full T x T; causal kernels execute about half of it, a few
 percent of the total at these lengths.
 
@@ -187,7 +189,8 @@ def run(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     shape = ModelShape.from_model(model)
-    flops = batch_flops_from_tensors(shape, {k: v.cpu() for k, v in batch.items()}).executed
+    counted = batch_flops_from_tensors(shape, {k: v.cpu() for k, v in batch.items()})
+    flops = counted.executed
 
     times = []
     for step in range(args.warmup + args.steps):
@@ -233,6 +236,9 @@ def run(args: argparse.Namespace) -> dict:
             "total": flops.total,
         },
         "tflops_per_device": tflops,
+        # real tokens at each row's own length (valid encoder frames): the MFU PaLM defines
+        "useful_flops_per_step": counted.useful.total,
+        "useful_tflops_per_device": counted.useful.total / step_s / 1e12,
         "peak_tflops": args.peak_tflops,
         "mfu": tflops / args.peak_tflops,
         "max_memory_allocated_gib": memory,

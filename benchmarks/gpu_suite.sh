@@ -1,23 +1,8 @@
 #!/bin/bash
 # The GPU suite in one call on the lent GPU machine (see benchmarks/README.md, "On the project's
-# GPU machine"): runs benchmarks/gpu_suite.py with the given arguments, then copies each run's
-# log and metrics.jsonl under $OUT/logs (when $OUT is set) so they come back with the JSON.
+# GPU machine"). benchmarks/gpu_suite.py itself writes its JSON, and copies each run's log,
+# metrics.jsonl and probe record under $OUT/logs, the moment each row finishes (when $OUT is set),
+# so a call cut off at its limit still brings back every finished row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-work=/tmp/gpu_suite
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  [ "${args[i]}" = "--work" ] && work=${args[i + 1]}
-done
-python3 benchmarks/gpu_suite.py "$@"
-rc=$?
-if [ -n "${OUT:-}" ] && [ -d "$work" ]; then
-  mkdir -p "$OUT/logs"
-  for f in "$work"/runs/*.log "$work"/raw/*.log "$work"/raw/*.json; do
-    [ -f "$f" ] && cp "$f" "$OUT/logs/"
-  done
-  for d in "$work"/runs/*/; do
-    [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$OUT/logs/$(basename "$d").metrics.jsonl"
-  done
-fi
-exit $rc
+exec python3 benchmarks/gpu_suite.py "$@"

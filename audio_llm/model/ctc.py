@@ -74,6 +74,7 @@ class CTCPrefixScorer:
             raise AudioLLMError(f"the CTC decoding weight must be in (0, 1], got {weight}")
         log_probs = log_probs.float()
         self.lengths = lengths.to(log_probs.device).long()
+        self.ends = (lengths.long() - 1).tolist()  # each clip's last position, read once
         # positions past a clip's end can hold no token (the blank there is harmless: only
         # values up to the last valid position are read)
         beyond = torch.arange(log_probs.shape[1], device=log_probs.device) >= self.lengths[:, None]
@@ -123,25 +124,37 @@ class CTCPrefixScorer:
             return out.to(scores.dtype)
         index = torch.tensor(rows, device=llm.device)
         tokens = llm[index, : self.vocab].topk(k, dim=-1).indices  # [R, k]
-        grown = self._extend(clips, states, prefixes, tokens.cpu())
+        host_tokens = tokens.cpu()
+        grown = self._extend(clips, states, prefixes, host_tokens)
         self.states = {}
-        ended_at = self.lengths[torch.tensor(clips, device=self.lengths.device)] - 1
-        for i, row in enumerate(rows):
+        # The rows' values are read to the host together after the loop, not one by one
+        # inside it: each read would make the host wait for the device, rows x beams per token.
+        # Every value is computed by the same operation on the same operands as one row alone
+        # would be, so the scores (and the hypotheses) are unchanged.
+        ctc, ended = [], []
+        for i in range(len(rows)):
             r_nonblank, r_blank, prefix_logp = states[i]
             new = [state[2] for state in grown[i]]
-            for token, state in zip(tokens[i].tolist(), grown[i], strict=True):
+            for token, state in zip(host_tokens[i].tolist(), grown[i], strict=True):
                 self.states[(clips[i], (*prefixes[i], token))] = state
-            ctc = (torch.tensor(new) - prefix_logp).nan_to_num(nan=NEG_INF).to(llm.device)
+            ctc.append((torch.tensor(new) - prefix_logp).nan_to_num(nan=NEG_INF))
+            t = self.ends[clips[i]]  # the transcript is exactly the prefix: ends at the clip's end
+            ended.append(torch.logaddexp(r_nonblank[t], r_blank[t]))
+        ctc_all = torch.stack(ctc).to(llm.device)
+        joints, finite = [], []
+        for i, (row, ended_logp) in enumerate(zip(rows, torch.stack(ended).tolist(), strict=True)):
             joint = torch.full_like(llm[row], NEG_INF)
-            joint[tokens[i]] = (1 - self.weight) * llm[row, tokens[i]] + self.weight * ctc
-            # end of sequence: the transcript is exactly the prefix
-            t = int(ended_at[i])
-            ended = float(torch.logaddexp(r_nonblank[t], r_blank[t])) - prefix_logp
-            ended = NEG_INF if math.isnan(ended) else ended  # -inf - -inf: an impossible prefix
+            joint[tokens[i]] = (1 - self.weight) * llm[row, tokens[i]] + self.weight * ctc_all[i]
+            ended_score = ended_logp - states[i][2]
+            if math.isnan(ended_score):  # -inf - -inf: an impossible prefix
+                ended_score = NEG_INF
             for token in self.eos:
                 if token < joint.shape[0]:
-                    joint[token] = (1 - self.weight) * llm[row, token] + self.weight * ended
-            if torch.isfinite(joint).any():  # else no candidate fits the audio: LLM alone
+                    joint[token] = (1 - self.weight) * llm[row, token] + self.weight * ended_score
+            joints.append(joint)
+            finite.append(torch.isfinite(joint).any())
+        for row, joint, fits in zip(rows, joints, torch.stack(finite).tolist(), strict=True):
+            if fits:  # else no candidate fits the audio: LLM alone
                 out[row] = joint
         return out.to(scores.dtype)
 
