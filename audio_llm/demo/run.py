@@ -63,8 +63,9 @@ DEFAULT_ENCODER = "whisper-tiny.en"
 
 
 # What a step's output shows in the terminal (the rest stays in its log): the trainer's progress
-# lines (step, loss, lr, ETA), its eval WER lines and `audio-llm eval`'s headline.
-PROGRESS = re.compile(r"step \d+/\d+ \(.*")
+# lines (step, loss, lr, ETA), `audio-llm pack`'s (clips, clips/s, ETA), its eval WER lines and
+# `audio-llm eval`'s headline.
+PROGRESS = re.compile(r"step \d+/\d+ \(.*|pack: \d+/\d+ clips .*")
 RESULT = re.compile(r"step \d+: eval WER.*|^WER .* indexed utterances.*")
 ECHO_EVERY_S = 10.0
 
@@ -367,9 +368,7 @@ def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> N
         ]
         # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
         per_shard = max(1, -(-spec.clips(split) // 8))
-        # Not --quiet: the pack's own lines (skips, its report) reach the log.
-        # TODO(merge): once `audio-llm pack` writes a progress line every 10 s to a non-terminal,
-        # widen PROGRESS (above) to match it, so that `_run` echoes the pack's progress too.
+        # Not --quiet: the pack's progress (echoed, PROGRESS) and report reach the log.
         cmd += ["--max-samples", str(per_shard), "--overwrite"]
         # one process: the frozen encoder uses every core
         _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)

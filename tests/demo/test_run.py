@@ -127,3 +127,22 @@ def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
     assert not _shards_match(index, wanted)  # another encoder's outputs
     index.write_text(json.dumps({"encoder": {**packed, "varlen": False}}))
     assert not _shards_match(index, wanted)  # the 30 s window
+
+
+def test_the_demo_echoes_the_packs_progress_lines():
+    """`make demo` shows the pack phase's progress: PROGRESS matches the line `audio-llm pack`
+    writes to a log (not a terminal), and the trainer's step lines still."""
+    import io
+
+    from audio_llm.demo.run import PROGRESS
+    from audio_llm.pack.progress import PackProgress
+
+    now = [0.0]
+    progress = PackProgress(5000, stream=io.StringIO(), interval=1e9, clock=lambda: now[0])
+    progress.update(1200)
+    now[0] = 40.0  # 1200 clips in 40 s
+    line = progress.line()
+    assert line == "pack: 1200/5000 clips (24.0%), 30.0 clips/s, ETA 2:07"
+    assert PROGRESS.search(f"2026 INFO {line}").group(0) == line
+    assert PROGRESS.search("x | step 30/100 (30%) loss 1.2").group(0).startswith("step 30/100")
+    assert PROGRESS.search("pack: wrote shard-000001.tar") is None
