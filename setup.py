@@ -39,6 +39,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # flash-attention's varlen kernels for packed rows (model.attn_implementation=auto picks
+        # them on CUDA); needs a CUDA toolchain to build, so never a requirement
+        "flash": ["flash-attn>=2.6"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.2",

@@ -77,6 +77,12 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute LLM activations in backward to save memory."
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
+        "auto",
+        "The LLM's attention kernels. auto: flash_attention_2 when the flash-attn package is "
+        "installed (pip install -e .[flash]), CUDA is there and model.dtype is 16-bit (packed "
+        "rows then run its varlen kernels), otherwise PyTorch's sdpa.",
+    )
     prompt: str = opt("Transcribe the audio.", "User instruction placed after the audio.")
     system_prompt: str | None = opt(
         "",

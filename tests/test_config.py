@@ -137,5 +137,7 @@ def test_the_shipped_cluster_recipe_uses_the_fast_settings():
     cfg = load_config(recipe)
     assert cfg.model.varlen_encoder and cfg.model.gradient_checkpointing
     assert cfg.data.bucket_by_length and cfg.data.max_batch_seconds >= 30
+    assert cfg.data.pack_tokens >= cfg.data.max_length  # padding-free rows
+    assert cfg.model.attn_implementation == "auto"  # flash-attention where it is installed
     assert cfg.model.system_prompt == ""
     assert cfg.train.peak_tflops == 0  # auto

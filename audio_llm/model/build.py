@@ -8,6 +8,7 @@ inference loader (`evaluation.export`) go through it rather than naming a head.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def build_audio_llm(
     if not Path(cfg.llm, "config.json").is_file():
         raise AudioLLMError(f"model.llm {cfg.llm!r} is not a checkpoint folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-    llm = Qwen2VLForConditionalGeneration.from_pretrained(cfg.llm, dtype=dtype)
+    llm = Qwen2VLForConditionalGeneration.from_pretrained(
+        cfg.llm, dtype=dtype, attn_implementation=attention_kernels(cfg, device)
+    )
     llm.requires_grad_(False)
     prompts = PromptBuilder(
         tokenizer, cfg.audio_token, cfg.prompt, cfg.chat_template, cfg.system_prompt
@@ -90,6 +93,26 @@ def build_audio_llm(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     return model.to(device)
+
+
+def attention_kernels(cfg: ModelConfig, device: str | torch.device = "cpu") -> str:
+    """The LLM's `attn_implementation` for `model.attn_implementation` on `device`.
+
+    auto picks flash-attention only where it runs and pays: the package is installed (an optional
+    extra, never required), the model is on CUDA in 16 bits. Packed rows then use its varlen
+    kernels; elsewhere sdpa, which keeps its flash kernel for padded rows (no mask)."""
+    chosen = cfg.attn_implementation
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if chosen == "auto":
+        on_cuda = torch.device(device).type == "cuda"
+        fits = installed and on_cuda and cfg.dtype in ("bfloat16", "float16")
+        return "flash_attention_2" if fits else "sdpa"
+    if chosen == "flash_attention_2" and not installed:
+        raise AudioLLMError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package: "
+            "pip install -e '.[flash]' on a CUDA machine, or set model.attn_implementation=auto"
+        )
+    return chosen
 
 
 def attach_exported_heads(
