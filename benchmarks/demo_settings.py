@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from audio_llm.demo.run import DEMO_MODELS
-    from audio_llm.demo.tiny import write_tiny_models
+    from audio_llm.model.tiny import write_tiny_models
 
     began = time.time()
     work = args.work.resolve()

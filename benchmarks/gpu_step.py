@@ -51,10 +51,10 @@ AUDIO_TOKEN_ID = 151654  # <|vision_pad|> in the real tokenizer (config.DEFAULT_
 
 
 def tiny_configs() -> tuple:
-    """Tiny Whisper and Qwen2-VL configs (the shapes of `demo.tiny`, no tokenizer needed)."""
+    """Tiny Whisper and Qwen2-VL configs (the shapes of `model.tiny`, no tokenizer needed)."""
     from transformers import Qwen2VLConfig
 
-    from audio_llm.demo.tiny import TinySpec, whisper_config
+    from audio_llm.model.tiny import TinySpec, whisper_config
 
     spec = TinySpec()
     half = spec.llm_hidden // spec.llm_heads // 2

@@ -59,9 +59,9 @@ from audio_llm.audio.frames import SAMPLE_RATE
 from audio_llm.audio.io import decode_flac
 from audio_llm.config import DataConfig, ModelConfig
 from audio_llm.data import build_loader, layout_of
-from audio_llm.demo.tiny import TinySpec, vocabulary, write_tiny_models
 from audio_llm.model.audio_llm import AudioLLM
 from audio_llm.model.build import build_audio_llm
+from audio_llm.model.tiny import TinySpec, vocabulary, write_tiny_models
 from audio_llm.pack.writer import PackOptions, pack
 
 MODES = ("audio", "mel", "encoder")

@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from audio_llm.demo.tiny import write_tiny_models
+    from audio_llm.model.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny"), seed=0)
 

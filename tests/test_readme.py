@@ -12,7 +12,7 @@ from audio_llm.cli import COMMANDS
 from audio_llm.config import load_config
 from audio_llm.demo import run as demo
 from audio_llm.demo.run import DEMO_MODELS
-from audio_llm.demo.tiny import TinySpec
+from audio_llm.model.tiny import TinySpec
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")

@@ -24,6 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "states are cross-checked against DeepSpeed's own estimator."
         ),
     )
+    _add_setup_flags(p, d)
+    _add_step_flags(p, d)
+    _add_gpu_and_epoch_flags(p, d)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def _add_setup_flags(p: argparse.ArgumentParser, d: PlanSpec) -> None:
+    """The models and how they are trained and spread: GPUs, ZeRO, LoRA, projector."""
     p.add_argument("--encoder", default=d.encoder, help=f"Whisper (default {d.encoder})")
     p.add_argument("--llm", default=d.llm, help=f"Qwen2-VL (default {d.llm})")
     p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
@@ -38,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stack", type=int, default=d.stack, help="projector stack factor k")
     p.add_argument("--projector", default=d.projector, help="linear (default) or mlp")
     p.add_argument("--projector-hidden", type=int, default=0, help="mlp width (0: LLM width)")
+
+
+def _add_step_flags(p: argparse.ArgumentParser, d: PlanSpec) -> None:
+    """What one sample costs: encoder frames, micro batch, sequence length, precision."""
     enc = p.add_mutually_exclusive_group()
     enc.add_argument("--varlen", dest="varlen", action="store_true", help="valid frames only")
     enc.add_argument(
@@ -60,6 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default=d.dtype, help="bfloat16 (default), float16 or float32")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM layers")
+
+
+def _add_gpu_and_epoch_flags(p: argparse.ArgumentParser, d: PlanSpec) -> None:
+    """The GPUs' speed and memory and the hours of audio in an epoch (or a mixture)."""
     p.add_argument("--mfu", type=float, default=d.mfu, help="assumed MFU (default 0.4)")
     p.add_argument(
         "--peak-tflops",
@@ -93,8 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the epoch becomes their hours together, with passes and time per pass of each"
         ),
     )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

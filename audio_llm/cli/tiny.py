@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from audio_llm.demo.tiny import (
+from audio_llm.errors import AudioLLMError
+from audio_llm.model.tiny import (
     LIKE_ENCODERS,
     LIKE_LLMS,
     TinySpec,
     write_like_models,
     write_tiny_models,
 )
-from audio_llm.errors import AudioLLMError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

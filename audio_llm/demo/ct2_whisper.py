@@ -184,6 +184,55 @@ def read_ct2_whisper(files: Mapping[str, bytes] | str | Path, source: str = "") 
     )
 
 
+class _Variables:
+    """A CTranslate2 model's variables taken once each under transformers names: `state` collects
+    the renamed tensors, `used` what was taken, so that nothing is left half-converted."""
+
+    def __init__(self, model: Ct2Model, source: str) -> None:
+        self.var, self.source = model.variables, source
+        self.used: set[str] = set()
+        self.state: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.var:
+            raise AudioLLMError(f"{self.source}: no variable {name!r}; not a Whisper model")
+        self.used.add(name)
+        return self.var[name]
+
+    def scalar(self, name: str) -> int:
+        return int(self.take(name).item())
+
+    def norm(self, ct2: str, hf: str) -> None:
+        self.state[f"{hf}.weight"] = self.take(f"{ct2}/gamma")
+        self.state[f"{hf}.bias"] = self.take(f"{ct2}/beta")
+
+    def linear(self, ct2: str, hf: str) -> None:
+        self.state[f"{hf}.weight"] = self.take(f"{ct2}/weight")
+        self.state[f"{hf}.bias"] = self.take(f"{ct2}/bias")
+
+    def fused(self, ct2: str, hfs: list[str]) -> None:
+        """Split a fused linear into equal parts; a part named '*k_proj' has no bias."""
+        weights, biases = self.take(f"{ct2}/weight"), self.take(f"{ct2}/bias")
+        for hf, weight, bias in zip(
+            hfs, weights.chunk(len(hfs)), biases.chunk(len(hfs)), strict=True
+        ):
+            self.state[f"{hf}.weight"] = weight
+            if hf.endswith("k_proj"):
+                if bool(bias.any()):
+                    raise AudioLLMError(f"{self.source}: {ct2}/bias has a non-zero key bias")
+            else:
+                self.state[f"{hf}.bias"] = bias
+
+    def layers(self, prefix: str) -> int:
+        count = 0
+        while f"{prefix}/layer_{count}/ffn/linear_0/weight" in self.var:
+            count += 1
+        return count
+
+
+_ENC, _DEC = "model.encoder", "model.decoder"
+
+
 def whisper_state_dict(model: Ct2Model, source: str = "model.bin") -> tuple[dict, dict]:
     """Map a CTranslate2 Whisper's variables onto `WhisperForConditionalGeneration` names.
 
@@ -193,111 +242,87 @@ def whisper_state_dict(model: Ct2Model, source: str = "model.bin") -> tuple[dict
     fills zeros for it in the fused bias; those zeros are checked and dropped. Every weight is
     used once, so a model with anything more or less is refused rather than half-converted.
     """
-    var = model.variables
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in var:
-            raise AudioLLMError(f"{source}: no variable {name!r}; not a Whisper model")
-        used.add(name)
-        return var[name]
-
-    def scalar(name: str) -> int:
-        return int(take(name).item())
-
+    v = _Variables(model, source)
     for key, want in _STOCK_DECODER.items():
         name = f"decoder/{key}"
-        if name in var and scalar(name) != want:
+        if name in v.var and v.scalar(name) != want:
             raise AudioLLMError(
-                f"{source}: {name} = {int(var[name].item())}, transformers' Whisper needs {want}"
+                f"{source}: {name} = {int(v.var[name].item())}, transformers' Whisper needs {want}"
             )
-    state: dict[str, torch.Tensor] = {}
-
-    def norm(ct2: str, hf: str) -> None:
-        state[f"{hf}.weight"], state[f"{hf}.bias"] = take(f"{ct2}/gamma"), take(f"{ct2}/beta")
-
-    def linear(ct2: str, hf: str) -> None:
-        state[f"{hf}.weight"], state[f"{hf}.bias"] = take(f"{ct2}/weight"), take(f"{ct2}/bias")
-
-    def fused(ct2: str, hfs: list[str]) -> None:
-        """Split a fused linear into equal parts; a part named '*k_proj' has no bias."""
-        weights, biases = take(f"{ct2}/weight"), take(f"{ct2}/bias")
-        for hf, weight, bias in zip(
-            hfs, weights.chunk(len(hfs)), biases.chunk(len(hfs)), strict=True
-        ):
-            state[f"{hf}.weight"] = weight
-            if hf.endswith("k_proj"):
-                if bool(bias.any()):
-                    raise AudioLLMError(f"{source}: {ct2}/bias has a non-zero key bias")
-            else:
-                state[f"{hf}.bias"] = bias
-
-    def layers(prefix: str) -> int:
-        count = 0
-        while f"{prefix}/layer_{count}/ffn/linear_0/weight" in var:
-            count += 1
-        return count
-
-    enc, dec = "model.encoder", "model.decoder"
-    for conv in ("conv1", "conv2"):
-        linear(f"encoder/{conv}", f"{enc}.{conv}")
-    state[f"{enc}.embed_positions.weight"] = take("encoder/position_encodings/encodings")
-    norm("encoder/layer_norm", f"{enc}.layer_norm")
-    for i in range(layers("encoder")):
-        ct2, hf = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        attn = f"{hf}.self_attn"
-        norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
-        fused(
-            f"{ct2}/self_attention/linear_0", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
-        )
-        linear(f"{ct2}/self_attention/linear_1", f"{attn}.out_proj")
-        norm(f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm")
-        linear(f"{ct2}/ffn/linear_0", f"{hf}.fc1")
-        linear(f"{ct2}/ffn/linear_1", f"{hf}.fc2")
-    state[f"{dec}.embed_tokens.weight"] = take("decoder/embeddings/weight")
-    state[f"{dec}.embed_positions.weight"] = take("decoder/position_encodings/encodings")
-    norm("decoder/layer_norm", f"{dec}.layer_norm")
-    for i in range(layers("decoder")):
-        ct2, hf = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        attn, cross = f"{hf}.self_attn", f"{hf}.encoder_attn"
-        norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
-        fused(
-            f"{ct2}/self_attention/linear_0", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
-        )
-        linear(f"{ct2}/self_attention/linear_1", f"{attn}.out_proj")
-        norm(f"{ct2}/attention/layer_norm", f"{hf}.encoder_attn_layer_norm")
-        linear(f"{ct2}/attention/linear_0", f"{cross}.q_proj")
-        fused(f"{ct2}/attention/linear_1", [f"{cross}.k_proj", f"{cross}.v_proj"])
-        linear(f"{ct2}/attention/linear_2", f"{cross}.out_proj")
-        norm(f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm")
-        linear(f"{ct2}/ffn/linear_0", f"{hf}.fc1")
-        linear(f"{ct2}/ffn/linear_1", f"{hf}.fc2")
-    state["proj_out.weight"] = take("decoder/projection/weight")
-    if "decoder/projection/bias" in var:
-        raise AudioLLMError(f"{source}: decoder/projection has a bias, Whisper's proj_out has none")
-
+    _take_encoder(v)
+    _take_decoder(v)
     # Other scalars (alignment heads, ...) only steer CTranslate2's runtime; every tensor must map.
-    left = sorted(n for n, t in var.items() if n not in used and t.dim() > 0)
+    left = sorted(n for n, t in v.var.items() if n not in v.used and t.dim() > 0)
     if left:
         raise AudioLLMError(f"{source}: {len(left)} variables not understood (first: {left[0]})")
-    conv1 = state[f"{enc}.conv1.weight"]
-    shapes = {
+    return _whisper_shapes(v, model.aliases), v.state
+
+
+def _take_encoder(v: _Variables) -> None:
+    """The convolutions, positions and pre-norm self-attention layers of the encoder."""
+    for conv in ("conv1", "conv2"):
+        v.linear(f"encoder/{conv}", f"{_ENC}.{conv}")
+    v.state[f"{_ENC}.embed_positions.weight"] = v.take("encoder/position_encodings/encodings")
+    v.norm("encoder/layer_norm", f"{_ENC}.layer_norm")
+    for i in range(v.layers("encoder")):
+        ct2, hf = f"encoder/layer_{i}", f"{_ENC}.layers.{i}"
+        attn = f"{hf}.self_attn"
+        v.norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
+        v.fused(
+            f"{ct2}/self_attention/linear_0", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+        )
+        v.linear(f"{ct2}/self_attention/linear_1", f"{attn}.out_proj")
+        v.norm(f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm")
+        v.linear(f"{ct2}/ffn/linear_0", f"{hf}.fc1")
+        v.linear(f"{ct2}/ffn/linear_1", f"{hf}.fc2")
+
+
+def _take_decoder(v: _Variables) -> None:
+    """The embeddings, self- and cross-attention layers and the bias-free output projection."""
+    v.state[f"{_DEC}.embed_tokens.weight"] = v.take("decoder/embeddings/weight")
+    v.state[f"{_DEC}.embed_positions.weight"] = v.take("decoder/position_encodings/encodings")
+    v.norm("decoder/layer_norm", f"{_DEC}.layer_norm")
+    for i in range(v.layers("decoder")):
+        ct2, hf = f"decoder/layer_{i}", f"{_DEC}.layers.{i}"
+        attn, cross = f"{hf}.self_attn", f"{hf}.encoder_attn"
+        v.norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
+        v.fused(
+            f"{ct2}/self_attention/linear_0", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+        )
+        v.linear(f"{ct2}/self_attention/linear_1", f"{attn}.out_proj")
+        v.norm(f"{ct2}/attention/layer_norm", f"{hf}.encoder_attn_layer_norm")
+        v.linear(f"{ct2}/attention/linear_0", f"{cross}.q_proj")
+        v.fused(f"{ct2}/attention/linear_1", [f"{cross}.k_proj", f"{cross}.v_proj"])
+        v.linear(f"{ct2}/attention/linear_2", f"{cross}.out_proj")
+        v.norm(f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm")
+        v.linear(f"{ct2}/ffn/linear_0", f"{hf}.fc1")
+        v.linear(f"{ct2}/ffn/linear_1", f"{hf}.fc2")
+    v.state["proj_out.weight"] = v.take("decoder/projection/weight")
+    if "decoder/projection/bias" in v.var:
+        raise AudioLLMError(
+            f"{v.source}: decoder/projection has a bias, Whisper's proj_out has none"
+        )
+
+
+def _whisper_shapes(v: _Variables, aliases: dict[str, str]) -> dict:
+    """WhisperConfig keyword arguments read off the mapped weights and the head counts."""
+    conv1 = v.state[f"{_ENC}.conv1.weight"]
+    return {
         "num_mel_bins": conv1.shape[1],
         "d_model": conv1.shape[0],
-        "vocab_size": state[f"{dec}.embed_tokens.weight"].shape[0],
-        "encoder_layers": layers("encoder"),
-        "decoder_layers": layers("decoder"),
-        "encoder_attention_heads": scalar("encoder/num_heads"),
-        "decoder_attention_heads": scalar("decoder/num_heads"),
-        "encoder_ffn_dim": state[f"{enc}.layers.0.fc1.weight"].shape[0],
-        "decoder_ffn_dim": state[f"{dec}.layers.0.fc1.weight"].shape[0],
-        "max_source_positions": state[f"{enc}.embed_positions.weight"].shape[0],
-        "max_target_positions": state[f"{dec}.embed_positions.weight"].shape[0],
+        "vocab_size": v.state[f"{_DEC}.embed_tokens.weight"].shape[0],
+        "encoder_layers": v.layers("encoder"),
+        "decoder_layers": v.layers("decoder"),
+        "encoder_attention_heads": v.scalar("encoder/num_heads"),
+        "decoder_attention_heads": v.scalar("decoder/num_heads"),
+        "encoder_ffn_dim": v.state[f"{_ENC}.layers.0.fc1.weight"].shape[0],
+        "decoder_ffn_dim": v.state[f"{_DEC}.layers.0.fc1.weight"].shape[0],
+        "max_source_positions": v.state[f"{_ENC}.embed_positions.weight"].shape[0],
+        "max_target_positions": v.state[f"{_DEC}.embed_positions.weight"].shape[0],
         # CTranslate2 stores the output projection as an alias when it is the embedding.
-        "tie_word_embeddings": model.aliases.get("decoder/projection/weight")
+        "tie_word_embeddings": aliases.get("decoder/projection/weight")
         == "decoder/embeddings/weight",
     }
-    return shapes, state
 
 
 def _special_ids(ct2: Ct2Whisper) -> dict[str, int]:

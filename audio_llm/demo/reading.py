@@ -29,10 +29,10 @@ import torch
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from audio_llm.config import DEFAULT_AUDIO_TOKEN
-from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
 from audio_llm.files import sha256_file, staged_dir
 from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
+from audio_llm.model.tiny import vocabulary
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ from audio_llm.demo.reading import (
     write_reader_asset,
 )
 from audio_llm.demo.speech import CorpusSpec, corpus_matches, make_corpus
-from audio_llm.demo.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
 from audio_llm.dist import free_port
 from audio_llm.files import atomic_write_bytes
 from audio_llm.model.encoder import encoder_identity, load_whisper_encoder
+from audio_llm.model.tiny import WHISPER_PASSTHROUGH, TinySpec, write_tiny_llm, write_tiny_whisper
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAINED_CACHE = REPO / ".cache" / "pretrained"  # the converted whisper-tiny.en, kept here

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
 from audio_llm.files import atomic_write_text
+from audio_llm.model.tiny import vocabulary
 from audio_llm.planning.plan import format_duration
 
 TRAIN_VOICES = (

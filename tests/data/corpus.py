@@ -16,8 +16,8 @@ import soundfile as sf
 from audio_llm.config import DataConfig
 from audio_llm.data import build_loader, layout_of
 from audio_llm.data.loader import ShardLoader
-from audio_llm.demo.tiny import vocabulary
 from audio_llm.model.build import build_audio_llm
+from audio_llm.model.tiny import vocabulary
 from audio_llm.pack.writer import PackOptions, pack
 
 N_CLIPS = 40

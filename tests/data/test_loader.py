@@ -32,7 +32,7 @@ def test_every_mode_trains_the_model(shard_dirs, model):
 
 
 def test_shards_from_another_encoder_are_refused(shard_dirs, model_config, tmp_path):
-    from audio_llm.demo.tiny import write_tiny_models
+    from audio_llm.model.tiny import write_tiny_models
 
     other = write_tiny_models(tmp_path / "other", seed=5)
     import dataclasses

@@ -7,8 +7,8 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from audio_llm.config import DEFAULT_AUDIO_TOKEN
 from audio_llm.demo.reading import ReadingSpec, _example, teach_reading
-from audio_llm.demo.tiny import vocabulary, write_tiny_models
 from audio_llm.model.prompts import IGNORE_INDEX, PromptBuilder
+from audio_llm.model.tiny import vocabulary, write_tiny_models
 
 
 def test_examples_stretch_tokens_and_target_the_sentence(tiny_models):

@@ -21,7 +21,7 @@ from audio_llm.demo.speech import (
     corpus_matches,
     demo_vocabulary,
 )
-from audio_llm.demo.tiny import vocabulary
+from audio_llm.model.tiny import vocabulary
 
 VOICES = (*TRAIN_VOICES, UNSEEN_VOICE)
 

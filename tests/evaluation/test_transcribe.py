@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 
 from audio_llm.audio.frames import SAMPLE_RATE
-from audio_llm.demo.tiny import vocabulary
 from audio_llm.errors import AudioLLMError
 from audio_llm.evaluation.transcribe import stitch, transcribe_audio, windows
+from audio_llm.model.tiny import vocabulary
 
 
 @pytest.mark.parametrize("seconds", [3.0, 30.0, 31.0, 70.0, 200.5])
@@ -140,9 +140,9 @@ def test_cli_transcribes_long_stereo_44k_audio(tmp_path, capsys):
     """End to end with a (tiny, untrained) model: any rate/channels/length runs through."""
     from audio_llm.cli import main
     from audio_llm.config import LoraConfig, ModelConfig
-    from audio_llm.demo.tiny import write_tiny_models
     from audio_llm.evaluation.export import export_weights
     from audio_llm.model.build import build_audio_llm
+    from audio_llm.model.tiny import write_tiny_models
 
     paths = write_tiny_models(tmp_path / "tiny")
     cfg = ModelConfig(encoder=str(paths["whisper"]), llm=str(paths["qwen2vl"]), dtype="float32")

@@ -18,7 +18,7 @@ def _converted_cache(folder: Path) -> Path:
     its check), holding a tiny random Whisper: the demo takes its pretrained route, recipe and
     all, without downloading anything."""
     from audio_llm.demo import pretrained
-    from audio_llm.demo.tiny import write_tiny_whisper
+    from audio_llm.model.tiny import write_tiny_whisper
 
     checkpoint = folder / pretrained.CHECKPOINT
     write_tiny_whisper(checkpoint, seed=3)

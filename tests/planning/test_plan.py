@@ -97,7 +97,7 @@ def test_epoch_time_scales_with_gpus_and_mfu_and_efficient_settings_cost_less():
 
 @pytest.fixture(scope="module")
 def tiny_depths(tmp_path_factory) -> dict[int, ModelConfig]:
-    from audio_llm.demo.tiny import TinySpec, write_tiny_models
+    from audio_llm.model.tiny import TinySpec, write_tiny_models
 
     configs = {}
     for layers in (2, 4):

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Whisper
 from transformers.models.whisper.modeling_whisper import WhisperForConditionalGeneration
 
 from audio_llm.cli import main
-from audio_llm.demo.tiny import QWEN2VL_SPECIAL_TOKENS, vocabulary, write_tiny_models
+from audio_llm.model.tiny import QWEN2VL_SPECIAL_TOKENS, vocabulary, write_tiny_models
 
 
 def _digest(folder):
@@ -135,7 +135,7 @@ def test_like_writes_published_shapes_that_the_training_path_loads_and_runs(tmp_
 
 def test_like_published_sizes_match_the_hub_configs():
     """Full-size configs (no weights): the numbers the hub's config.json files give."""
-    from audio_llm.demo.tiny import build_tokenizer, like_qwen2vl_config, like_whisper_config
+    from audio_llm.model.tiny import build_tokenizer, like_qwen2vl_config, like_whisper_config
 
     whisper = like_whisper_config("whisper-large-v3")
     assert (whisper.num_mel_bins, whisper.d_model, whisper.encoder_layers) == (128, 1280, 32)
