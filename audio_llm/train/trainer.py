@@ -427,6 +427,7 @@ class Trainer:
         self.guard = guard
         if guard is not None:
             guard.batches = self.batches
+            guard.done(self.start)  # a resumed run's heartbeat starts at its checkpoint
         self.step_s = 0.0  # this rank's time for the last step
 
     def run(self) -> dict[str, Any]:

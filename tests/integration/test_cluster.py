@@ -60,13 +60,15 @@ def test_sigterm_to_the_process_group_saves_the_agreed_step_and_resumes_exactly(
     tiny_models, tmp_path
 ):
     steps, k = 8, 3
-    # save_every beyond the run: the only checkpoint before the end is the preemption's
+    # save_every beyond the run: the only checkpoint before the end is the preemption's. A
+    # loader worker: the group's SIGTERM reaches it too, and must not fail the rank's step.
+    extra = ["train.save_every=100", "data.num_workers=1"]
     ref = tmp_path / "ref"
-    launch(1, [*common(tiny_models, ref, steps), "train.save_every=100"])
+    launch(1, [*common(tiny_models, ref, steps), *extra])
     reference = losses(ref)
 
     run = tmp_path / "preempted"
-    overrides = [*common(tiny_models, run, steps), "train.save_every=100"]
+    overrides = [*common(tiny_models, run, steps), *extra]
     # rank 0 SIGTERMs its process group (launcher and both ranks) right after step k
     proc = _start(overrides, {"AUDIO_LLM_FAULT": f"after_step:{k}:term-group"})
     # The `deepspeed` runner has no handler: it dies of the signal at once, which times it.
