@@ -197,7 +197,11 @@ class LastBatches:
 
 
 def describe_oom(
-    step: int, batches: Sequence[dict], cfg: Any, error: BaseException | None = None
+    step: int,
+    batches: Sequence[dict],
+    cfg: Any,
+    error: BaseException | None = None,
+    zero_stage: int = 2,
 ) -> str:
     """The out-of-memory message: the batch, the memory in use and the settings to change."""
     stats = [b.get("stats", {}) for b in batches]
@@ -211,6 +215,7 @@ def describe_oom(
         f"longest clip {longest_s:.1f} s"
     ]
     parts.append(_device_memory())
+    parts.append(planned_memory(cfg, stats, zero_stage))
     parts.append(
         "to fit: lower data.max_batch_seconds "
         f"(now {cfg.data.max_batch_seconds:g}) or data.batch_size (now {cfg.data.batch_size}), "
@@ -225,6 +230,56 @@ def describe_oom(
     if error is not None and str(error):
         parts.append(f"error: {str(error).splitlines()[0]}")
     return ". ".join(parts)
+
+
+def planned_memory(cfg: Any, stats: Sequence[dict], zero_stage: int) -> str:
+    """What `audio-llm plan` expects per GPU for this config and the largest micro-batch of the
+    step, and the largest batch it says fits; or why that is not known. A meta-device model
+    is built from the configs: seconds, on the rank that has already failed."""
+    import torch
+
+    from audio_llm.planning.plan import GIB, PlanSpec, make_plan
+
+    biggest = max(stats, key=lambda s: s.get("positions", 0), default={})
+    clips = int(biggest.get("samples", 0))
+    if not clips:
+        return "`audio-llm plan`: no batch to plan for"
+    seconds = min(max(float(biggest.get("audio_seconds", 0.0)) / clips, 0.1), 30.0)
+    text = max(int(biggest.get("positions", 0) - biggest.get("audio_positions", 0)) // clips, 0)
+    world = dist.world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    gpu = PlanSpec.gpu_memory  # the plan's default when there is no GPU to ask
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    try:
+        spec = PlanSpec(
+            encoder=cfg.model.encoder,
+            llm=cfg.model.llm,
+            gpus_per_node=local,
+            nodes=max(1, world // max(local, 1)),
+            zero=zero_stage,
+            lora_rank=cfg.lora.rank if cfg.use_lora else 0,
+            stack=cfg.model.stack_factor,
+            projector=cfg.model.projector,
+            projector_hidden=cfg.model.projector_hidden,
+            varlen=cfg.model.varlen_encoder,
+            batch=clips,
+            audio_seconds=seconds,
+            text_tokens=text,
+            dtype=cfg.model.dtype,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gpu_memory=gpu,
+        )
+        plan = make_plan(spec)
+    except Exception as exc:  # a diagnosis must not hide the OOM it explains
+        return f"`audio-llm plan` estimate unavailable ({type(exc).__name__}: {exc})"
+    fit = plan["fit"]
+    return (
+        f"`audio-llm plan` expects {plan['memory_per_gpu']['total'] / GIB:.1f} GiB per GPU for "
+        f"{clips} clips of {seconds:.1f} s and {text} text tokens each, and says at most "
+        f"{fit['largest_batch']} such clips fit in {gpu:.0f} GiB "
+        f"({fit['largest_batch_checkpointing']} with gradient checkpointing)"
+    )
 
 
 def _device_memory() -> str:
@@ -259,8 +314,8 @@ class RunGuard:
     step's host all-reduce with the stop flag in it, and OOMs or failed collectives turned into
     `RunStopped` with their message (`watch`)."""
 
-    def __init__(self, cfg: Any, run_dir: str | Path) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any, run_dir: str | Path, zero_stage: int = 2) -> None:
+        self.cfg, self.zero_stage = cfg, zero_stage
         self.timeout_s = cfg.train.collective_timeout_s
         self.signals = StopSignals(cfg.train.stop_signals)
         self.heartbeat = Heartbeat(run_dir, dist.rank(), dist.world_size())
@@ -303,7 +358,7 @@ class RunGuard:
             yield
         except torch.OutOfMemoryError as exc:
             current = self.batches.current if self.batches is not None else []
-            message = describe_oom(self.step, current, self.cfg, exc)
+            message = describe_oom(self.step, current, self.cfg, exc, self.zero_stage)
             self.heartbeat.beat(status="out_of_memory", message=message)
             raise OutOfMemory(message) from exc
         except RuntimeError as exc:

@@ -369,7 +369,8 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             loader.batches_per_epoch,
         )
         (run_dir / "config.yaml").write_text(_yaml(cfg))
-    guard = RunGuard(cfg, run_dir)  # stop signals, heartbeat: from here on
+    # stop signals and the heartbeat from here on
+    guard = RunGuard(cfg, run_dir, zero_stage=engine.zero_optimization_stage())
     trainer = Trainer(
         cfg, engine, loader, state, checkpoints, logger, flops_shape, trainable, guard=guard
     )

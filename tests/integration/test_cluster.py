@@ -114,6 +114,7 @@ def test_out_of_memory_on_one_rank_stops_every_rank_with_its_message(tiny_models
     for rank in (0, 1):
         assert f"rank {rank}: {message}" in out, out[-3000:]
     assert "data.max_batch_seconds" in out and "model.gradient_checkpointing=true" in out
+    assert "`audio-llm plan` expects " in out  # for this config and batch
     assert latest(run) == run / "checkpoints" / tag_for(2)  # the last checkpoint is intact
     beats = _heartbeats(run)
     assert beats[1]["status"] == "out_of_memory" and beats[0]["status"] == "peer_out_of_memory"

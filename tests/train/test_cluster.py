@@ -70,13 +70,19 @@ def test_a_stall_names_the_ranks_that_did_not_arrive_and_their_last_step():
     assert "b pid 2" in message and "train.collective_timeout_s=60" in message
 
 
-def test_an_oom_message_names_the_batch_and_the_settings(tmp_path):
+def test_an_oom_message_names_the_batch_the_plan_and_the_settings(model_config):
     stats = {"samples": 3, "audio_seconds": 41.5, "positions": 900, "longest_seconds": 19.25}
-    message = describe_oom(12, [{"stats": stats}, {"stats": stats}], Config())
+    stats["audio_positions"] = 600
+    cfg = Config(model=model_config)
+    message = describe_oom(12, [{"stats": stats}, {"stats": stats}], cfg)
     assert "ran out of memory in step 12: batch of 6 clips (2 micro-batch(es))" in message
     assert "83.0 s of audio, 1800 LLM positions, longest clip 19.2 s" in message
     for setting in ("data.max_batch_seconds", "data.batch_size", "gradient_checkpointing"):
         assert setting in message
+    # the plan for this config and batch: 3 clips of 13.8 s mean, 100 text tokens each
+    assert "`audio-llm plan` expects " in message, message
+    assert " GiB per GPU for 3 clips of 13.8 s and 100 text tokens each" in message
+    assert "says at most " in message and "with gradient checkpointing" in message
 
 
 def test_only_collective_errors_count_as_a_failed_collective():
