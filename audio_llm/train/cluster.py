@@ -343,9 +343,11 @@ class RunGuard:
     def stopped(self, step: int, path: Path) -> Preempted:
         """The error that ends a run stopped by a signal after checkpointing `step` at `path`."""
         self.heartbeat.beat(status="preempted")
+        got = self.signals.received
+        why = f"{got} on this rank" if got else "a stop signal on another rank"
         return Preempted(
-            f"{self.signals.received or 'a stop signal'} on some rank: stopped after step "
-            f"{step}, checkpoint {path} (exit {EXIT_PREEMPTED}: resume with --resume auto)"
+            f"{why}: stopped after step {step}, checkpoint {path} "
+            f"(exit {EXIT_PREEMPTED}: resume with --resume auto)"
         )
 
     @contextlib.contextmanager

@@ -82,7 +82,7 @@ def test_sigterm_to_the_process_group_saves_the_agreed_step_and_resumes_exactly(
     assert saved is not None and saved.name in (tag_for(k), tag_for(k + 1)), out[-3000:]
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == [saved.name]
     for rank in (0, 1):
-        assert f"rank {rank}: SIGTERM on some rank: stopped after step" in out, out[-3000:]
+        assert f"rank {rank}: SIGTERM on this rank: stopped after step" in out, out[-3000:]
         assert f"(exit {EXIT_PREEMPTED}: resume with --resume auto)" in out
     assert {b["status"] for b in _heartbeats(run).values()} == {"preempted"}
     assert not (run / "summary.json").exists()
