@@ -1,6 +1,7 @@
 """Fault injection for the recovery tests: `AUDIO_LLM_FAULT=WHERE:STEP[:ACTION]` acts on one rank
 (`AUDIO_LLM_FAULT_RANK`, default 0) when it reaches that point. Unset (always, outside tests),
-it does nothing. ACTION is one of:
+it does nothing. The points: `before_step`, `in_step` (batches fetched, before the forward),
+`in_save` (files written, no marker yet) and `after_step`. ACTION is one of:
 
 - `kill` (the default): SIGKILL this process, as a lost node or the kernel's OOM killer would;
 - `term-group`: SIGTERM this process group (launcher and every rank), as SLURM does at a time

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,27 @@ def test_sigterm_to_the_process_group_saves_the_agreed_step_and_resumes_exactly(
     assert resumed == reference  # bit for bit, the steps before the stop and after it
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1)), logged  # each step once
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_without_a_launcher_exits_with_the_preempted_code(tiny_models, tmp_path):
+    # `python launch/stage1.py` (or srun, one task per GPU): nothing between the signal and
+    # the rank, so the process's own status is what the job sees
+    run = tmp_path / "alone"
+    cmd = [sys.executable, str(REPO / "launch" / "stage1.py"), "--deepspeed_config"]
+    cmd += [str(REPO / "ds_configs" / "zero2.json"), *common(tiny_models, run, steps=6)]
+    env = _env({"AUDIO_LLM_FAULT": "after_step:1:term-group"})
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert latest(run) == run / "checkpoints" / tag_for(2)
 
 
 @pytest.mark.timeout(600)
