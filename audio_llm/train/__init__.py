@@ -6,5 +6,6 @@ out-of-memory steps, stalled ranks, heartbeats) and fault injection for the reco
 
 May import everything below it (`config`, `dist`, `files`, `audio`, `model`, `data`,
 `evaluation` for periodic eval and the export at the end, `planning` for MFU, durations and
-the memory an OOM message quotes); nothing in the package imports `train`: `launch/stage1.py` and `stage2.py` run it.
+the memory an OOM message quotes); nothing in the package imports `train`: `launch/stage1.py`
+and `stage2.py` run it.
 """
