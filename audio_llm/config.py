@@ -38,6 +38,21 @@ def opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+def signal_number(name: str) -> int:
+    """`SIGTERM`, `TERM` or `15` -> 15 (for `train.stop_signals`); unknown names fail."""
+    import signal
+
+    text = str(name).strip().upper()
+    if text.isdigit():
+        return int(text)
+    text = text if text.startswith("SIG") else "SIG" + text
+    if text not in signal.Signals.__members__:
+        raise AudioLLMError(
+            f"train.stop_signals: unknown signal {name!r} (e.g. SIGTERM, SIGUSR1, SIGUSR2)"
+        )
+    return int(signal.Signals[text])
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise AudioLLMError(message)
@@ -312,6 +327,20 @@ class TrainConfig:
         "matmul per sample (and, under ZeRO-3, gathering the embedding matrix each step).",
     )
 
+    # opt() gives a list default its own default_factory, so instances never share it.
+    stop_signals: list[str] = opt(  # noqa: RUF009
+        ["SIGTERM", "SIGUSR1"],
+        "Signals that stop training cleanly: every rank finishes its step, the ranks agree on "
+        "the step, checkpoint it and exit 75 (preempted, resumable: --resume auto goes on). "
+        "SLURM sends SIGTERM at the time limit and on preemption; [] keeps Python's defaults.",
+    )
+    collective_timeout_s: float = opt(
+        1800.0,
+        "Seconds a collective waits for every rank before the run stops (exit 4) with a "
+        "message naming the ranks that did not arrive and the last step each completed "
+        "(RUN_DIR/heartbeat/). Longer than the slowest step, eval or checkpoint save.",
+    )
+
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1 (got {self.max_steps})")
         _check(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
@@ -321,6 +350,12 @@ class TrainConfig:
         _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every/keep_last >= 1")
         _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (got {self.peak_tflops})")
         _check(self.ctc_weight >= 0, f"train.ctc_weight must be >= 0 (got {self.ctc_weight})")
+        _check(
+            self.collective_timeout_s > 0,
+            f"train.collective_timeout_s must be > 0 (got {self.collective_timeout_s})",
+        )
+        for name in self.stop_signals:
+            signal_number(name)  # an unknown name fails here, not when the run installs it
 
 
 @dataclass
@@ -391,9 +426,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             )
         return _coerce(value, lists[0] if lists and isinstance(value, list) else args[0], where)
     if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and not dataclasses.is_dataclass(item):
+            # `train.stop_signals=SIGTERM,SIGUSR1` on a command line
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise AudioLLMError(f"{where} must be a list (got {value!r})")
-        (item,) = typing.get_args(tp)
         if dataclasses.is_dataclass(item):
             return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]

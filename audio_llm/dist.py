@@ -87,6 +87,9 @@ def is_initialized() -> bool:
 def init_distributed(timeout: timedelta | None = None) -> None:
     """Create the process group once (later calls return at once); see the module docstring.
 
+    `timeout` (default: torch's) bounds every collective, the host group's too: a rank that
+    does not arrive in time makes the others' collective raise (gloo; NCCL's watchdog aborts).
+
     The backend comes from DeepSpeed's accelerator: nccl on CUDA, gloo on CPU.
     """
     if is_initialized():
@@ -108,6 +111,8 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     import deepspeed  # slow import: only when a process group is really wanted
     from deepspeed.accelerator import get_accelerator
 
+    global _timeout
+    _timeout = timeout
     kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
@@ -196,6 +201,7 @@ def barrier() -> None:
 
 
 _host_group: Any = None
+_timeout: timedelta | None = None  # init_distributed's, for groups made later
 
 
 def _cpu_group() -> Any:
@@ -206,7 +212,7 @@ def _cpu_group() -> Any:
     if tdist.get_backend() == "gloo":
         return None
     if _host_group is None:
-        _host_group = tdist.new_group(backend="gloo")
+        _host_group = tdist.new_group(backend="gloo", timeout=_timeout)
     return _host_group
 
 

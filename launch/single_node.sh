@@ -11,6 +11,11 @@
 # DS_CONFIG DeepSpeed JSON (default: ds_configs/zero2.json)
 # MASTER_PORT  rendezvous port (default 29500; change it to run two jobs on one machine)
 # DRY_RUN=1 print the command instead of running it
+#
+# Stopping early: SIGTERM (or SIGUSR1, to the ranks only: it kills the launcher) makes every
+# rank finish its step, checkpoint the step the ranks agree on and exit 75; run the same
+# command again to go on (--resume auto). The launcher passes its own SIGTERM to the ranks
+# and SIGKILLs them 30 s later, so the save must fit in 30 s.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

@@ -12,6 +12,7 @@ from audio_llm import dist
 from audio_llm.config import load_config
 from audio_llm.errors import AudioLLMError
 from audio_llm.train import trainer
+from audio_llm.train.cluster import Preempted, RunStopped
 
 
 def stage_main(stage: int, argv: list[str] | None = None) -> int:
@@ -50,14 +51,22 @@ def stage_main(stage: int, argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    together = True  # the ranks end together: wait for each other before leaving
     try:
         cfg = load_config(args.config, [*args.overrides, f"train.stage={stage}"])
         summary = trainer.train(cfg, args.deepspeed_config, args.resume)
     except AudioLLMError as exc:
         print(f"stage {stage}: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        # Preempted: every rank agreed and saved. OOM or a stalled rank: a peer is gone or
+        # stuck, so a goodbye barrier would only wait out the collective timeout again.
+        together = isinstance(exc, Preempted)
+        print(f"stage {stage}: rank {dist.rank()}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     finally:
-        dist.shutdown()  # no rank leaves while another is still in a collective
+        if together:
+            dist.shutdown()  # no rank leaves while another is still in a collective
     if dist.is_main():
         steps = summary["losses"]
         if steps:

@@ -116,6 +116,7 @@ class Collator:
         batch["stats"] = {
             "samples": len(samples),
             "audio_seconds": float(sum(s.seconds for s in samples)),
+            "longest_seconds": float(max(s.seconds for s in samples)),  # named after an OOM
             "target_tokens": int((labels != IGNORE_INDEX).sum()),
             "tokens": int(mask.sum()),
             "positions": ids.numel(),  # rows x row length, packed or padded

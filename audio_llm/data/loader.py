@@ -3,6 +3,7 @@ the start-up checks that keep hour three safe."""
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -19,6 +20,11 @@ from audio_llm.errors import AudioLLMError
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # loader workers share the node's cores with the training ranks
+    # SLURM and the launchers signal every process of the job: a worker that died of it would
+    # fail the rank's step (torch's SIGCHLD check) before the rank could save. The rank ends
+    # its workers itself; SIGKILL still ends them.
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 class ShardLoader:

@@ -1,8 +1,11 @@
 """Training under DeepSpeed: the step loop (`trainer`), resumable checkpoints (`checkpoint`), the
 DeepSpeed config (`ds_config`) and op-build environment (`ds_ops`), the LR schedule (`schedule`),
-metrics and TensorBoard (`metrics`) and fault injection for the recovery tests (`faults`).
+metrics and TensorBoard (`metrics`), how a run ends on a cluster (`cluster`: stop signals,
+out-of-memory steps, stalled ranks, heartbeats) and fault injection for the recovery tests
+(`faults`).
 
 May import everything below it (`config`, `dist`, `files`, `audio`, `model`, `data`,
-`evaluation` for periodic eval and the export at the end, `planning` for MFU and durations);
-nothing in the package imports `train`: `launch/stage1.py` and `stage2.py` run it.
+`evaluation` for periodic eval and the export at the end, `planning` for MFU, durations and
+the memory an OOM message quotes); nothing in the package imports `train`: `launch/stage1.py`
+and `stage2.py` run it.
 """

@@ -9,6 +9,7 @@ counters, data position, RNG) is one `RunState`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,8 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,7 +36,14 @@ from audio_llm.evaluation.export import export_weights
 from audio_llm.model.build import build_audio_llm
 from audio_llm.model.rows import count_clips, count_targets
 from audio_llm.planning.flops import ModelShape, flops_rates, resolve_peak_tflops, with_flops
-from audio_llm.train.checkpoint import CheckpointManager, load, load_rank_state, resolve_resume
+from audio_llm.train.checkpoint import (
+    CheckpointManager,
+    load,
+    load_rank_state,
+    resolve_resume,
+    tag_for,
+)
+from audio_llm.train.cluster import LastBatches, RunGuard
 from audio_llm.train.ds_config import build_ds_config, missing_ds_config_message, resolve_ds_config
 from audio_llm.train.faults import fault_point
 from audio_llm.train.metrics import MetricsLogger, StepTimer, format_progress, step_time_skew
@@ -57,6 +66,7 @@ class StepResult:
     grad_norm: Any  # as DeepSpeed keeps it: a device tensor, a float, or None (not computed)
     finite: bool  # False: DeepSpeed skipped the step (non-finite loss or gradient on some rank)
     counts: dict[str, float]
+    stop: bool = False  # some rank got a stop signal: every rank stops after this step
 
 
 def check_start(cfg: Config, ds_config: str | Path, resume: str = "auto") -> Path:
@@ -177,14 +187,22 @@ def check_engine(engine) -> None:
         )
 
 
-def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) -> StepResult:
+def train_step(
+    engine,
+    batches: Iterator[dict],
+    accum: int,
+    timer: StepTimer,
+    agree: Callable[[list[float]], tuple[list[float], bool]] | None = None,
+) -> StepResult:
     """One optimizer step over `accum` micro-batches.
 
     Every target token of the step weighs the same, whichever micro-batch and rank it is in: the
     step minimises sum(token LM losses) / (target tokens of all ranks) plus, per loss head of the
     model (the CTC head: `train.ctc_weight`), weight * sum(clip losses) / (clips of all ranks).
     The counts come from the host batches (the model's own rule, `count_targets`) in one small
-    CPU all-reduce before the first forward; nothing else waits for the device.
+    CPU all-reduce before the first forward; nothing else waits for the device. `agree` (the
+    trainer's `RunGuard.agree`) does that all-reduce with a stop flag added, so the ranks learn
+    in it whether any of them got a stop signal (`StepResult.stop`).
 
     A non-finite loss on any rank skips the step on every rank: its micro-batch's gradient is
     made NaN, the gradient all-reduce carries it to every rank, and DeepSpeed's non-finite check
@@ -199,7 +217,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
         counts.update(batch["stats"])
     local = [sum(count_targets(b, module.audio_token_id) for b in micro)]
     local.append(sum(count_clips(b) for b in micro))
-    targets, utterances = dist.sum_on_host(local)
+    (targets, utterances), stop = agree(local) if agree else (dist.sum_on_host(local), False)
     # DeepSpeed 0.19.8 divides the loss by gradient_accumulation_steps in engine.backward
     # (scale_wrt_gas) and the summed gradients by the data-parallel world size (ZeRO-1/2
     # average_tensor / ZeRO-3 reduce: `/ dp_world_size`, with gradient_predivide_factor f
@@ -234,6 +252,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, timer: StepTimer) ->
         grad_norm=engine.get_global_grad_norm(),  # a cached value: no collective, no sync
         finite=engine.skipped_steps == skipped_before,
         counts=dict(counts),
+        stop=stop,
     )
 
 
@@ -309,7 +328,7 @@ class RunState:
 def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
     """Train `cfg.train.max_steps` optimizer steps; returns a summary (rank 0 has the losses)."""
     ds_config = str(check_start(cfg, ds_config, resume))
-    dist.init_distributed()
+    dist.init_distributed(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     if not torch.cuda.is_available() and cfg.model.dtype != "float32":
         log.warning("no CUDA: model.dtype %s -> float32 (CPU training)", cfg.model.dtype)
         cfg.model.dtype = "float32"
@@ -361,8 +380,15 @@ def train(cfg: Config, ds_config: str, resume: str = "auto") -> dict[str, Any]:
             loader.batches_per_epoch,
         )
         (run_dir / "config.yaml").write_text(_yaml(cfg))
-    trainer = Trainer(cfg, engine, loader, state, checkpoints, logger, flops_shape, trainable)
-    return trainer.run()
+    # stop signals and the heartbeat from here on
+    guard = RunGuard(cfg, run_dir, zero_stage=engine.zero_optimization_stage())
+    trainer = Trainer(
+        cfg, engine, loader, state, checkpoints, logger, flops_shape, trainable, guard=guard
+    )
+    try:
+        return trainer.run()
+    finally:
+        guard.close()
 
 
 class Interval:
@@ -411,6 +437,7 @@ class Trainer:
         logger: MetricsLogger,
         flops_shape: ModelShape,
         trainable: int,
+        guard: RunGuard | None = None,
     ) -> None:
         self.cfg, self.engine, self.loader, self.state = cfg, engine, loader, state
         self.checkpoints, self.logger, self.trainable = checkpoints, logger, trainable
@@ -420,9 +447,10 @@ class Trainer:
         self.losses: dict[int, float] = {}
         self.eval_history: dict[int, float | None] = {}
         self.interval = Interval()
-        # analytic FLOPs of each batch, model and executed (padding, recompute)
+        # analytic FLOPs of each batch, model and executed (padding, recompute); the step's
+        # batches are kept to name them after an OOM
         checkpointing = cfg.model.gradient_checkpointing
-        self.batches = with_flops(iter(loader), flops_shape, checkpointing)
+        self.batches = LastBatches(with_flops(iter(loader), flops_shape, checkpointing))
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak_tflops = resolve_peak_tflops(cfg.train.peak_tflops, device)
         if dist.is_main() and device is not None:
@@ -431,6 +459,10 @@ class Trainer:
                 f"{self.peak_tflops:g}" if self.peak_tflops else "no peak: not logged",
                 "train.peak_tflops" if cfg.train.peak_tflops else f"{device}, dense bf16",
             )
+        self.guard = guard
+        if guard is not None:
+            guard.batches = self.batches
+            guard.done(self.start)  # a resumed run's heartbeat starts at its checkpoint
         self.step_s = 0.0  # this rank's time for the last step
 
     def run(self) -> dict[str, Any]:
@@ -438,21 +470,32 @@ class Trainer:
         cfg, last = self.cfg, self.cfg.train.max_steps
         if cfg.eval.every and cfg.eval.at_start and self.start == 0:
             self.evaluate(0)
-        for step in range(self.start + 1, last + 1):
-            self.step(step)
-            if step % cfg.train.log_every == 0 or step == last:
-                self.log(step)
-            if step % cfg.train.save_every == 0 or step == last:
-                self.save()
-                self.timer.restart()
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
-                self.evaluate(step)
-            fault_point("after_step", step)
-        return self.finish()
+        watch = self.guard.watch() if self.guard else contextlib.nullcontext()
+        with watch:
+            for step in range(self.start + 1, last + 1):
+                stop = self.step(step) and step < last  # the ranks agreed: this step is the last
+                if step % cfg.train.log_every == 0 or step == last or stop:
+                    self.log(step)
+                if step % cfg.train.save_every == 0 or step == last or stop:
+                    self.save()
+                    self.timer.restart()
+                if stop:
+                    self.logger.close()
+                    raise self.guard.stopped(step, self.checkpoints.save_dir / tag_for(step))
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
+                    self.evaluate(step)
+                fault_point("after_step", step)
+            return self.finish()
 
-    def step(self, step: int) -> None:
-        """Optimizer step `step` and its counters; too many non-finite steps in a row stop."""
-        result = train_step(self.engine, self.batches, self.cfg.train.grad_accum, self.timer)
+    def step(self, step: int) -> bool:
+        """Optimizer step `step` and its counters; too many non-finite steps in a row stop.
+        Returns True when the ranks agreed in this step to stop after it (a stop signal)."""
+        guard = self.guard
+        if guard is not None:
+            guard.begin(step)
+        fault_point("before_step", step)
+        agree = guard.agree if guard is not None else None
+        result = train_step(self.engine, self.batches, self.cfg.train.grad_accum, self.timer, agree)
         self.step_s = self.timer.step_done(
             samples=int(result.counts.get("samples", 0)),
             audio_seconds=result.counts.get("audio_seconds", 0.0),
@@ -467,6 +510,9 @@ class Trainer:
                 "check the data (loader problem counts are in the log), or use bf16/fp32"
             )
         self.interval.add(result)
+        if guard is not None:
+            guard.done(step)
+        return result.stop
 
     def log(self, step: int) -> None:
         """Metrics of the steps since the last log line, and the progress line. Collective."""

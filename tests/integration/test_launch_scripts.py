@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +216,45 @@ def test_slurm_job_runs_one_launcher_per_node(tmp_path):
             rf"--deepspeed_config {root}/ds_configs/zero2\.json --config run\.yaml",
             line,
         ), line
+
+
+def test_slurm_job_stops_its_step_and_requeues_on_the_time_limit_notice(tmp_path):
+    root = _stand_in_tree(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho gpu-a17\n')
+    # srun: a job step whose ranks take SIGTERM, save, and exit 75 (preempted, resumable)
+    started = tmp_path / "step.started"
+    (fake / "srun").write_text(
+        f"#!/usr/bin/env bash\ntrap 'echo step got TERM; kill $!; exit 75' TERM\ntouch {started}\n"
+        "sleep 60 & wait\n"
+    )
+    for stub in fake.iterdir():
+        stub.chmod(0o755)
+    env = script_env(tmp_path, SLURM_JOB_NODELIST="gpu-a17", SLURM_NNODES="1", SLURM_JOB_ID="42")
+    env |= {"SLURM_SUBMIT_DIR": str(root), "PATH": f"{fake}:{env['PATH']}"}
+    job = subprocess.Popen(
+        ["bash", str(root / "launch" / "slurm.sbatch"), "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(job.pid, signal.SIGUSR1)  # --signal=B:USR1@120: to the batch shell only
+        out = job.communicate(timeout=30)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 75, out
+    assert "step got TERM" in out and "then requeueing" in out
+    assert "requeue 42" in calls.read_text().splitlines()
 
 
 def test_single_node_script_really_launches(tmp_path):
