@@ -74,7 +74,6 @@ PROBE = ROOT / "benchmarks" / "probe.py"
 H100_BF16_TFLOPS = 989.0
 MATCHED_TEXT = "the quick brown fox jumps over the lazy dog and runs home"
 SHIPPED = ROOT / "launch" / "configs" / "whisper-large-v3_qwen2-vl-2b.yaml"
-DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
 NOT_RUN = "not run: deadline"
 MIN_RUN_S = 5.0  # a run with less time than this left would only be killed: not started
 EFFICIENT = [
@@ -517,12 +516,17 @@ def decoder_layers(models: dict[str, Path]) -> int:
 
 
 def demo_decoding() -> dict[str, Any]:
-    """The demo's beam + joint CTC decoding (its widest-beam recipe) and generation cap."""
-    from audio_llm.demo.run import RECIPES
+    """The demo's final decoding, from its stage-2 recipe files (the widest beam of them): beams,
+    joint CTC weight and generation cap."""
+    from audio_llm.demo.run import RECIPES, recipe_file
 
-    recipe = max(RECIPES.values(), key=lambda r: (r.beams, r.ctc_weight))
-    cap = yaml.safe_load(DEMO_CONFIG.read_text())["eval"]["max_new_tokens"]
-    return {"beams": recipe.beams, "ctc_weight": recipe.ctc_weight, "max_new_tokens": cap}
+    evals = [yaml.safe_load(recipe_file(e, "stage2").read_text())["eval"] for e in RECIPES]
+    widest = max(evals, key=lambda e: (e.get("num_beams", 1), e.get("ctc_weight", 0.0)))
+    return {
+        "beams": widest.get("num_beams", 1),
+        "ctc_weight": widest.get("ctc_weight", 0.0),
+        "max_new_tokens": widest["max_new_tokens"],
+    }
 
 
 def eval_model(args: argparse.Namespace, sources: list[Path], d_llm: int) -> Path:

@@ -3,7 +3,9 @@ the start-up checks that keep hour three safe."""
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -25,6 +27,21 @@ def _worker_init(_: int) -> None:
     # its workers itself; SIGKILL still ends them.
     for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(stop, signal.SIG_IGN)
+
+
+# DataLoader iterators with workers that are still running. Workers ignore SIGTERM (above), so
+# multiprocessing's own exit hook, which terminates daemon children and then joins them, would
+# wait for them forever; this hook (registered later, so it runs first) stops them the way the
+# DataLoader does when it is done: it tells them to finish and joins them.
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for batches in list(_LIVE_WORKERS):
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class ShardLoader:
@@ -89,7 +106,10 @@ class ShardLoader:
                 # page-locked batches: the model's non_blocking copies overlap the step
                 pin_memory=torch.cuda.is_available(),
             )
-            for batch in loader:
+            batches = iter(loader)
+            if workers:
+                _LIVE_WORKERS.add(batches)
+            for batch in batches:
                 meta = batch.pop("stream")
                 self.consumed[meta["worker"]] += 1
                 self.problems.update(meta["problems"])
