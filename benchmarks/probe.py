@@ -63,7 +63,8 @@ def _count_checkpoints() -> None:
 
 
 def _record_batch_flops() -> None:
-    """Wrap the trainer's per-batch FLOPs stage; record executed and useful FLOPs per batch."""
+    """Wrap the step loop's per-batch FLOPs stage (`train.trainer` draws its batches through
+    `with_flops`); record executed and useful FLOPs per batch."""
     try:
         from audio_llm.planning.flops import batch_flops_from_tensors
         from audio_llm.train import trainer
