@@ -76,8 +76,8 @@ def _record_batch_flops() -> None:
     batches: list[list[float]] = []
     RECORD["batches"] = batches  # [executed, useful] per micro-batch, in the order drawn
 
-    def recorded(loader: Iterator[dict], shape: Any) -> Iterator[dict]:
-        for batch in original(loader, shape):
+    def recorded(loader: Iterator[dict], shape: Any, *args: Any, **kwargs: Any) -> Iterator[dict]:
+        for batch in original(loader, shape, *args, **kwargs):  # e.g. `checkpointing`
             counted = batch_flops_from_tensors(shape, batch)
             batches.append([counted.executed.total, counted.useful.total])
             yield batch
