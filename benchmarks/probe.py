@@ -63,7 +63,8 @@ def _count_checkpoints() -> None:
 
 
 def _record_batch_flops() -> None:
-    """Wrap the trainer's per-batch FLOPs stage; record executed and useful FLOPs per batch."""
+    """Wrap the step loop's per-batch FLOPs stage (`train.trainer` draws its batches through
+    `with_flops`); record executed and useful FLOPs per batch."""
     try:
         from audio_llm.planning.flops import batch_flops_from_tensors
         from audio_llm.train import trainer
@@ -75,8 +76,8 @@ def _record_batch_flops() -> None:
     batches: list[list[float]] = []
     RECORD["batches"] = batches  # [executed, useful] per micro-batch, in the order drawn
 
-    def recorded(loader: Iterator[dict], shape: Any) -> Iterator[dict]:
-        for batch in original(loader, shape):
+    def recorded(loader: Iterator[dict], shape: Any, *args: Any, **kwargs: Any) -> Iterator[dict]:
+        for batch in original(loader, shape, *args, **kwargs):  # e.g. `checkpointing`
             counted = batch_flops_from_tensors(shape, batch)
             batches.append([counted.executed.total, counted.useful.total])
             yield batch

@@ -11,8 +11,10 @@ import sys
 from audio_llm import dist
 from audio_llm.config import load_config
 from audio_llm.errors import AudioLLMError
-from audio_llm.train import trainer
 from audio_llm.train.cluster import Preempted, RunStopped
+from audio_llm.train.run import train
+
+log = logging.getLogger(__name__)
 
 
 def stage_main(stage: int, argv: list[str] | None = None) -> int:
@@ -54,7 +56,7 @@ def stage_main(stage: int, argv: list[str] | None = None) -> int:
     together = True  # the ranks end together: wait for each other before leaving
     try:
         cfg = load_config(args.config, [*args.overrides, f"train.stage={stage}"])
-        summary = trainer.train(cfg, args.deepspeed_config, args.resume)
+        summary = train(cfg, args.deepspeed_config, args.resume)
     except AudioLLMError as exc:
         print(f"stage {stage}: error: {exc}", file=sys.stderr)
         return 2
@@ -71,10 +73,8 @@ def stage_main(stage: int, argv: list[str] | None = None) -> int:
         steps = summary["losses"]
         if steps:
             first, last = min(steps), max(steps)
-            trainer.log.info(
+            log.info(
                 "loss %.4f (step %d) -> %.4f (step %d)", steps[first], first, steps[last], last
             )
-        trainer.log.info(
-            "run folder: %s (tensorboard --logdir %s)", summary["run_dir"], summary["run_dir"]
-        )
+        log.info("run folder: %s (tensorboard --logdir %s)", summary["run_dir"], summary["run_dir"])
     return 0

@@ -1,4 +1,4 @@
-"""The model trains in training mode from step 1 (fresh and resumed): `train.trainer.train()` run
+"""The model trains in training mode from step 1 (fresh and resumed): `train.run.train()` run
 in-process on the tiny models, one rank, with `model.gradient_checkpointing=true`.
 
 transformers checkpoints a decoder layer only when that layer is in training mode, and
@@ -54,6 +54,7 @@ def test_checkpointing_acts_from_the_first_step_and_a_resumed_run_keeps_the_mode
 ):
     import audio_llm.train.trainer as trainer
     from audio_llm.model.build import build_audio_llm
+    from audio_llm.train.run import train
 
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
@@ -88,7 +89,7 @@ def test_checkpointing_acts_from_the_first_step_and_a_resumed_run_keeps_the_mode
     run = tmp_path / "run"
     cfg = _config(tiny_models, run, steps=2)
     cfg.model.projector_init = str(init)
-    trainer.train(cfg, "ds_configs/zero2.json", resume="none")
+    train(cfg, "ds_configs/zero2.json", resume="none")
     first_calls, first_modes = steps[0]
     assert first_calls >= layers, f"step 1 checkpointed {first_calls} of {layers} decoder layers"
     decoder = [n for n in first_modes if n.split(".")[-2:-1] == ["layers"] and "llm" in n]
@@ -97,7 +98,7 @@ def test_checkpointing_acts_from_the_first_step_and_a_resumed_run_keeps_the_mode
 
     cfg = _config(tiny_models, run, steps=3)
     cfg.model.projector_init = str(init)
-    trainer.train(cfg, "ds_configs/zero2.json", resume="auto")
+    train(cfg, "ds_configs/zero2.json", resume="auto")
     resumed_calls, resumed_modes = steps[-1]
     assert len(steps) == 3  # 2 steps, then 1 after resuming at step 2
     assert resumed_calls >= layers

@@ -70,7 +70,7 @@ def worker(plan_name: str, out_dir: str) -> None:
     from audio_llm.config import ModelConfig
     from audio_llm.model.build import build_audio_llm
     from audio_llm.train.metrics import StepTimer
-    from audio_llm.train.trainer import check_engine, read_steps, train_step
+    from audio_llm.train.step import check_engine, read_steps, train_step
 
     world, accum, steps = PLANS[plan_name]
     dist.init_distributed()
