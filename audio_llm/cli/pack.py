@@ -179,7 +179,10 @@ def _execution_flags(run_args: argparse._ArgumentGroup) -> None:
         type=int,
         default=16,
         metavar="N",
-        help="encoder batch size, mode encoder (default 16)",
+        help=(
+            "encoder batch size, mode encoder (default 16); clips are run shortest first "
+            "within windows of 8 batches and written in input order"
+        ),
     )
     run_args.add_argument(
         "--device", help="encoder device, mode encoder (default: cuda if available, else cpu)"

@@ -65,7 +65,7 @@ DEFAULT_ENCODER = "whisper-tiny.en"
 # What a step's output shows in the terminal (the rest stays in its log): the trainer's progress
 # lines (step, loss, lr, ETA), `audio-llm pack`'s (clips, clips/s, ETA), its eval WER lines and
 # `audio-llm eval`'s headline.
-PROGRESS = re.compile(r"step \d+/\d+ \(.*|pack: \d+/\d+ clips .*")
+PROGRESS = re.compile(r"step \d+/\d+ \(.*|pack(?: part \d+/\d+)?: \d+/\d+ clips .*")
 RESULT = re.compile(r"step \d+: eval WER.*|^WER .* indexed utterances.*")
 ECHO_EVERY_S = 10.0
 
@@ -109,11 +109,16 @@ def _run(cmd: list[str], log: Path, echo_every: float = ECHO_EVERY_S, threads: i
             raise
         proc.wait()
     if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} ...), see {log}:\n{tail}")
+        _failed(cmd, log)
     if held is not None:
         print(f"   {held}", flush=True)  # the step's last progress line
     return time.time() - began
+
+
+def _failed(cmd: list[str], log: Path) -> None:
+    """Stop the demo: the step that failed and its log's tail."""
+    tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+    raise SystemExit(f"demo step failed ({' '.join(cmd[:4])} ...), see {log}:\n{tail}")
 
 
 def _bin(name: str) -> str:
@@ -345,34 +350,67 @@ def _phase_corpus(demo: _Demo) -> tuple[CorpusSpec, bool]:
     return spec, rebuilt
 
 
+# The frozen encoder's pass at pack time, on a CPU: one single-threaded `--part` per core side by
+# side (two threads in one process gained 1.6x over one; two processes gain 2x, and on busy cores
+# far more), each running whisper-tiny.en in bfloat16 (AVX-512 BF16: about twice float32's clips/s
+# on one thread). docs/demo.md gives the measurements and what bfloat16 changed in the WER.
+PACK_DTYPE = "bfloat16"
+PACK_BLOCKS = 8  # shards per split at least: 2 ranks x up to 4 loader workers each need one
+
+
+def pack_parts() -> int:
+    """How many `audio-llm pack --part` processes run side by side: one per core, at most one
+    per block."""
+    return max(1, min(os.cpu_count() or 1, PACK_BLOCKS))
+
+
 def _phase_pack(demo: _Demo, models: dict, spec: CorpusSpec, rebuilt: bool) -> None:
     """3/6: `audio-llm pack` each split into encoder-output shards, unless this very encoder
-    packed them already from an unchanged corpus."""
-    print("== 3/6 audio-llm pack --mode encoder --varlen-encoder (frozen encoder outputs, once)")
+    packed them already, the same way, from an unchanged corpus."""
+    parts = pack_parts()
+    print(
+        "== 3/6 audio-llm pack --mode encoder --varlen-encoder (frozen encoder outputs, once; "
+        f"{parts} parts side by side)"
+    )
     t = time.time()
     corpus, shards = demo.corpus, demo.shards
     whisper = load_whisper_encoder(models["whisper"])
-    identity = encoder_identity(whisper, models["whisper"], varlen=True)
+    identity = encoder_identity(whisper, models["whisper"], varlen=True) | {"dtype": PACK_DTYPE}
     for split in SPLITS:
         if not rebuilt and _shards_match(shards / split / "index.json", identity):
             continue
         cmd = [_bin("audio-llm"), "pack", "--input", str(corpus / split / "manifest.jsonl")]
-        cmd += [
-            "--out",
-            str(shards / split),
-            "--mode",
-            "encoder",
-            "--encoder",
-            str(models["whisper"]),
-            "--varlen-encoder",  # each clip's own frames, not the 30 s window (issue 7)
-        ]
-        # 8 shards per split at least: 2 ranks x up to 4 loader workers each need one
-        per_shard = max(1, -(-spec.clips(split) // 8))
+        cmd += ["--out", str(shards / split), "--mode", "encoder"]
+        cmd += ["--encoder", str(models["whisper"]), "--dtype", PACK_DTYPE]
+        cmd += ["--varlen-encoder"]  # each clip's own frames, not the 30 s window
+        per_shard = max(1, -(-spec.clips(split) // PACK_BLOCKS))
         # Not --quiet: the pack's progress (echoed, PROGRESS) and report reach the log.
         cmd += ["--max-samples", str(per_shard), "--overwrite"]
-        # one process: the frozen encoder uses every core
-        _run(cmd, demo.logs / f"pack_{split}.log", threads=os.cpu_count() or 1)
+        logs = [demo.logs / f"pack_{split}_part{i}.log" for i in range(parts)]
+        _run_parts([[*cmd, "--part", f"{i}/{parts}"] for i in range(parts)], logs)
     demo.times["pack"] = time.time() - t
+
+
+def _run_parts(cmds: list[list[str]], logs: list[Path]) -> None:
+    """Run `cmds` side by side, one thread each: the first through `_run` (its progress is
+    echoed), the others quietly into their logs; a failure of any stops the demo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    others = []
+    try:
+        for cmd, log in zip(cmds[1:], logs[1:], strict=True):
+            with open(log, "w") as out:
+                others.append(
+                    subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+                )
+        _run(cmds[0], logs[0])
+        for proc, log in zip(others, logs[1:], strict=True):
+            if proc.wait() != 0:
+                _failed(proc.args, log)
+    finally:
+        for proc in others:  # never leave a part running behind us
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _train_stage(demo: _Demo, models: dict, encoder: str, stage: str) -> dict:

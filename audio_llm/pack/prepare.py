@@ -235,8 +235,18 @@ def prepared_stream(
             yield result
 
 
+# The batcher holds this many batches of clips, runs them shortest first, and hands them back in
+# input order: a batch of similar lengths pads little (demo clips of 1.5-5.5 s, whisper-tiny.en,
+# bfloat16 on one CPU thread: 48 clips/s sorted against 27 in input order). Capped in clips, so
+# a large --batch-size of 30 s clips keeps at most a few GB of log-mel in memory.
+SORT_WINDOW_BATCHES = 8
+SORT_WINDOW_MAX_CLIPS = 1024
+
+
 class EncoderBatcher:
-    """Runs the frozen encoder over batches of log-mel, in order; fills each sample's payload."""
+    """Runs the frozen encoder over log-mel and fills each sample's payload. Samples come back in
+    the order they were added: a window of them is run in batches of similar length, so the
+    output of one clip depends only on the window it fell in (windows end with each block)."""
 
     def __init__(
         self, encoder_dir: Path, batch_size: int, device: str, dtype: str, varlen: bool = False
@@ -252,17 +262,23 @@ class EncoderBatcher:
         self.identity = encoder_identity(whisper, encoder_dir, varlen)
         self.encoder = AudioEncoder(whisper, varlen).to(self.device)
         self.batch_size = batch_size
+        self.window = max(batch_size, min(SORT_WINDOW_BATCHES * batch_size, SORT_WINDOW_MAX_CLIPS))
         self.d_model = self.encoder.d_model
         self._pending: list[Prepared] = []
 
     def add(self, sample: Prepared) -> list[Prepared]:
         self._pending.append(sample)
-        return self.flush() if len(self._pending) >= self.batch_size else []
+        return self.flush() if len(self._pending) >= self.window else []
 
     def flush(self) -> list[Prepared]:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return []
+        """Encode every pending sample; returns them in the order they were added."""
+        window, self._pending = self._pending, []
+        by_length = sorted(window, key=lambda s: s.mel.shape[1])  # stable: ties keep input order
+        for start in range(0, len(by_length), self.batch_size):
+            self._encode(by_length[start : start + self.batch_size])
+        return window
+
+    def _encode(self, batch: list[Prepared]) -> None:
         torch = self.torch
         lengths = torch.tensor([s.mel.shape[1] for s in batch])
         features = torch.zeros(len(batch), batch[0].mel.shape[0], int(lengths.max()))
@@ -278,4 +294,3 @@ class EncoderBatcher:
                     "pack in mode mel or audio instead"
                 )
             sample.payload, sample.mel = npy_bytes(enc), None
-        return batch

@@ -268,7 +268,9 @@ def payload_setup(options: PackOptions) -> PayloadSetup:
         batcher = EncoderBatcher(
             options.encoder, options.batch_size, device, options.dtype, options.varlen_encoder
         )
-        encoder_info = batcher.identity
+        # the identity the trainer checks, plus what the encoder computed in (for the record:
+        # a run may train in another dtype than its shards were packed in)
+        encoder_info = {**batcher.identity, "dtype": options.dtype}
         if encoder_info["num_mel_bins"] != features["n_mels"]:
             raise AudioLLMError(
                 f"feature extractor gives {features['n_mels']} mel bins but {options.encoder} "

@@ -3,6 +3,8 @@ reading pretraining and shards are built once per setting (the demo itself, end 
 tests/integration/test_demo.py)."""
 
 import json
+import sys
+import time
 
 import pytest
 
@@ -127,6 +129,15 @@ def test_shards_are_reused_only_for_the_same_encoder(tmp_path, tiny_models):
     assert not _shards_match(index, wanted)  # another encoder's outputs
     index.write_text(json.dumps({"encoder": {**packed, "varlen": False}}))
     assert not _shards_match(index, wanted)  # the 30 s window
+    # the demo asks for the dtype it packs in: shards from a float32 pack (or from before the
+    # index recorded it) are packed again
+    wanted_bf16 = {**wanted, "dtype": "bfloat16"}
+    index.write_text(json.dumps({"encoder": packed}))
+    assert not _shards_match(index, wanted_bf16)
+    index.write_text(json.dumps({"encoder": {**packed, "dtype": "float32"}}))
+    assert not _shards_match(index, wanted_bf16)
+    index.write_text(json.dumps({"encoder": {**packed, "dtype": "bfloat16"}}))
+    assert _shards_match(index, wanted_bf16)
 
 
 def test_the_demo_echoes_the_packs_progress_lines():
@@ -146,3 +157,27 @@ def test_the_demo_echoes_the_packs_progress_lines():
     assert PROGRESS.search(f"2026 INFO {line}").group(0) == line
     assert PROGRESS.search("x | step 30/100 (30%) loss 1.2").group(0).startswith("step 30/100")
     assert PROGRESS.search("pack: wrote shard-000001.tar") is None
+    # the demo packs in parts side by side, and echoes the first part's lines
+    parted = PackProgress(2500, stream=io.StringIO(), interval=1e9, label="pack part 0/2")
+    assert PROGRESS.search(parted.line()).group(0) == parted.line()
+
+
+def test_pack_parts_run_side_by_side_and_a_failing_part_stops_the_demo(tmp_path):
+    """`_run_parts` starts every part before waiting on any, and a part that fails stops the
+    demo with its log's tail, after stopping the parts still running."""
+    from audio_llm.demo.run import _run_parts
+
+    stamp = "import sys, time; open(sys.argv[1], 'w').write(str(time.time())); time.sleep(1)"
+    logs = [tmp_path / f"part{i}.log" for i in range(3)]
+    cmds = [[sys.executable, "-c", stamp, str(tmp_path / f"t{i}")] for i in range(3)]
+    began = time.time()
+    _run_parts(cmds, logs)
+    starts = [float((tmp_path / f"t{i}").read_text()) for i in range(3)]
+    assert max(starts) - min(starts) < 0.9  # not one after the other (each sleeps 1 s)
+    assert time.time() - began < 2.9
+    failing = [sys.executable, "-c", "import sys; print('part 1 broke'); sys.exit(3)"]
+    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(SystemExit, match="part 1 broke"):
+        _run_parts([cmds[0], failing], logs[:2])
+    with pytest.raises(SystemExit, match="part 1 broke"):
+        _run_parts([failing, slow], logs[:2])  # the first part's failure, the slow one killed
