@@ -28,12 +28,17 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two xdist workers (the test machines have 2 cores; one test rarely keeps more than one busy).
+# loadgroup: tests that share a launch stay on one worker (tests/conftest.py says which, and
+# orders them). `make test XDIST=` runs the suite in one process, in collection order.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: lint system-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(XDIST) $(PYTEST_ARGS)
 
 # The unit tests alone (no deepspeed/torchrun/CLI/demo launches: those are tests/integration/).
 test-unit: lint system-deps
-	$(BIN)/python -m pytest -q tests -m "not integration"
+	$(BIN)/python -m pytest -q tests -m "not integration" $(XDIST) $(PYTEST_ARGS)
 
 # espeak-ng speaks the demo corpus, sox handles odd audio; apt where we can, a clear message elsewhere.
 system-deps:

@@ -45,6 +45,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.8",  # 3.8: --no-loadscope-reorder
             "ruff>=0.6",
             "torchmetrics>=1.0",
             # writes CTranslate2 models for the round-trip test of our reader (tested 4.8.5)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -27,6 +29,7 @@ def _converted_cache(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.timeout(600)  # as long as its launch may take: the demo's phases, all in one
 def test_small_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "audio_llm.demo", "--out", str(out), "--train-utterances", "64"]
