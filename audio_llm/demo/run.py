@@ -206,8 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train-utterances",
         type=int,
-        default=13000,
-        help="training clips (default 13000: the 1,100 steps of 32 see each 2.7 times)",
+        default=16000,
+        help="training clips (default 16000: the 1,100 steps of 32 see each about twice)",
     )
     parser.add_argument(
         "--test-utterances",

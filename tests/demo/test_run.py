@@ -20,7 +20,6 @@ STAGE_KEYS = {
     "model.projector_init",
     "eval.every",
     "eval.at_start",
-    "eval.limit",
     "eval.num_beams",
 }
 PATH_KEYS = (
