@@ -28,10 +28,10 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Two xdist workers (the test machines have 2 cores; one test rarely keeps more than one busy).
-# loadgroup: tests that share a launch stay on one worker (tests/conftest.py says which, and
-# orders them). `make test XDIST=` runs the suite in one process, in collection order.
-XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
+# Two xdist workers (the test machines have 2 cores; most tests keep one busy). loadfile keeps a
+# module on one worker (its module-scoped launches run once); tests/conftest.py puts the launch
+# modules first. `make test XDIST=` runs the suite in one process, in collection order.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: lint system-deps
 	$(BIN)/python -m pytest -q tests $(XDIST) $(PYTEST_ARGS)

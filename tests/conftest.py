@@ -16,50 +16,20 @@ torch.set_num_threads(1)
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test collected from tests/integration/ as `integration`; on an xdist worker
-    (`make test` runs `-n 2 --dist loadgroup`), also order and group the tests for two workers."""
+    """Mark every test collected from tests/integration/ as `integration`. On an xdist worker
+    (`make test`: `-n 2 --dist loadfile --no-loadscope-reorder`), also put those modules first.
+
+    The launch modules are most of the suite's time (up to a few minutes each); the unit modules
+    take seconds. Started first, the launch modules spread over both workers and the many short
+    unit modules even out the two workers' ends. Stable (collection order within each kind), so
+    every worker collects the same order, as xdist requires. loadfile keeps a module on one
+    worker: a module-scoped fixture (one launch, many assertions) still runs once."""
     for item in items:
         if item.path.resolve().is_relative_to(INTEGRATION):
             item.add_marker(pytest.mark.integration)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        _schedule_for_xdist(items)
-
-
-def _schedule_for_xdist(items: list[pytest.Item]) -> None:
-    """The process launches (tests/integration/, about 85% of the suite's CPU time) go first and
-    one by one, so the short unit tests fill the end of both workers' time (with the launches
-    last, one worker was left running them alone). A unit module is sent whole, and so are the
-    launch tests that share a module-scoped fixture (one launch, many assertions), split by the
-    fixture's parameters: each such fixture then runs once, on one worker.
-
-    The order is stable (collection order within each kind), the same on every worker as xdist
-    requires; `--no-loadscope-reorder` keeps xdist from sorting the groups by size."""
-    items.sort(key=lambda item: not item.get_closest_marker("integration"))
-    for item in items:
-        group = _shared_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
-def _shared_group(item: pytest.Item) -> str | None:
-    """The xdist group of `item` (see `_schedule_for_xdist`), or None: a test of its own."""
-    module = item.nodeid.split("::")[0]
-    if not item.get_closest_marker("integration"):
-        return _group_name(module)
-    infos = getattr(item, "_fixtureinfo", None)
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    shared = []
-    for name, defs in infos.name2fixturedefs.items() if infos else ():
-        if defs and defs[-1].scope in ("module", "package", "class"):
-            shared.append(f"{name}={params[name]}" if name in params else name)
-    return _group_name(f"{module}::{'+'.join(sorted(shared))}") if shared else None
-
-
-def _group_name(text: str) -> str:
-    """xdist splits a group off a test id at its last '@' after any ']': keep to safe characters."""
-    return "".join(c if c.isalnum() or c in "._/-+=:" else "_" for c in text)
+        items.sort(key=lambda item: not item.get_closest_marker("integration"))
 
 
 @pytest.fixture(autouse=True)
