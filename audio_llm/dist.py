@@ -26,7 +26,6 @@ import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,32 +113,32 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     global _timeout
     _timeout = timeout
     kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    if not torch.cuda.is_available():
+        _skip_shm_comm_op()
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
         verbose=False,
         **kwargs,
     )
-    _release_shm_buffer()
 
 
-def _release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer once every rank has it.
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory comm op.
 
-    On CPU, when all ranks share a node, DeepSpeed's shm comm op creates a 64 MiB
-    `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` per rank and never unlinks
-    it: every run (killed or not) leaves them behind until /dev/shm fills and the OOM killer
-    stops training. Peers map the buffers during init, so after a barrier the names can go; the
-    mappings live on until the processes exit.
+    On CPU, DeepSpeed's torch backend JIT-compiles `deepspeed_shm_comm` (a C++ build: about 25 s on
+    2 cores, the first time in a TORCH_EXTENSIONS_DIR) and gives every rank a 64 MiB
+    `/dev/shm/deepspeed_allreduce_buffer_*` it never unlinks. Only `inference_all_reduce`
+    (tensor-parallel inference) uses the op; ZeRO's collectives go through torch.distributed
+    (gloo) either way, so training is unchanged without it, and nothing is left in /dev/shm.
+    A DeepSpeed without `build_shm_op` is left as it is.
     """
-    env = os.environ
-    if torch.cuda.is_available() or env.get("LOCAL_SIZE") != env.get("WORLD_SIZE"):
-        return
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", ""), tdist.get_rank()
-    )
-    barrier()  # the same condition holds on every rank, so all of them get here
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    import importlib
+
+    # by name: `import deepspeed.comm.torch` binds the `torch` that deepspeed.comm imports
+    backend = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = lambda: None
 
 
 def shutdown() -> None:

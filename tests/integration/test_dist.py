@@ -36,13 +36,19 @@ def _check_two_ranks(results: list[dict]) -> None:
 
 
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
-    out = run_launch(
-        deepspeed_cmd(2, "tests.integration.test_dist", "--out", str(tmp_path)), worker_env()
-    )
+    extensions = tmp_path / "torch_extensions"  # empty: any op built at init would land here
+    cmd = deepspeed_cmd(2, "tests.integration.test_dist", "--out", str(tmp_path))
+    out = run_launch(cmd, worker_env(TORCH_EXTENSIONS_DIR=str(extensions)))
     assert out.returncode == 0, out.stdout[-4000:]
     results = read_ranks(tmp_path, 2)
     _check_two_ranks(results)
     assert [r["local_rank"] for r in results] == [0, 1]
+    if not torch.cuda.is_available():
+        # CPU: DeepSpeed's shm comm op (inference all-reduce only) is neither compiled nor
+        # given its /dev/shm buffers
+        assert not extensions.exists() or not any(extensions.iterdir())
+        port = cmd[cmd.index("--master_port") + 1]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_two_ranks_under_torchrun(tmp_path):
