@@ -66,7 +66,7 @@ DEFAULT_ENCODER = "whisper-tiny.en"
 # lines (step, loss, lr, ETA), `audio-llm pack`'s (clips, clips/s, ETA), its eval WER lines and
 # `audio-llm eval`'s headline.
 PROGRESS = re.compile(r"step \d+/\d+ \(.*|pack(?: part \d+/\d+)?: \d+/\d+ clips .*")
-RESULT = re.compile(r"step \d+: eval WER.*|^WER .* indexed utterances.*")
+RESULT = re.compile(r"step \d+: eval WER.*|^(?:\S+: )?WER .* indexed utterances.*")
 ECHO_EVERY_S = 10.0
 
 
@@ -479,25 +479,20 @@ def _phase_eval(demo: _Demo) -> dict[str, dict]:
     t = time.time()
     out, decoding = demo.out, demo.configs["stage2"].eval  # the recipe's stage-2 eval section
     results = {}
-    for split in TESTS:
-        decodings = [(split, decoding.ctc_weight)]
-        if demo.args.llm_alone:
-            decodings.append((f"{split}_llm_only", 0.0))
-        for name, weight in decodings:
-            cmd = [
-                _bin("torchrun"),
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "-m",
-                "audio_llm.cli",
-            ]
-            cmd += ["eval", "--run-dir", str(out / "stage2"), "--shards", str(demo.shards / split)]
-            cmd += ["--out", str(out / "eval" / name), "--batch-size", str(decoding.batch_size)]
-            cmd += ["--max-new-tokens", str(decoding.max_new_tokens), "--ctc-weight", str(weight)]
-            cmd += ["--beams", str(decoding.num_beams if weight > 0 else 1)]
-            _run(cmd, demo.logs / f"eval_{name}.log")
+    decodings = [("", decoding.ctc_weight)]  # one launch per decoding, both test sets in it
+    if demo.args.llm_alone:
+        decodings.append(("_llm_only", 0.0))
+    for suffix, weight in decodings:
+        names = [f"{split}{suffix}" for split in TESTS]
+        cmd = [_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+        cmd += ["-m", "audio_llm.cli", "eval", "--run-dir", str(out / "stage2")]
+        cmd += ["--shards", *(str(demo.shards / split) for split in TESTS)]
+        cmd += ["--out", *(str(out / "eval" / name) for name in names)]
+        cmd += ["--batch-size", str(decoding.batch_size), "--ctc-weight", str(weight)]
+        cmd += ["--max-new-tokens", str(decoding.max_new_tokens)]
+        cmd += ["--beams", str(decoding.num_beams if weight > 0 else 1)]
+        _run(cmd, demo.logs / f"eval{suffix}.log")
+        for name in names:
             results[name] = json.loads((out / "eval" / name / "summary.json").read_text())
     demo.times["eval"] = time.time() - t
     return results

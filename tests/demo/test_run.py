@@ -162,6 +162,19 @@ def test_the_demo_echoes_the_packs_progress_lines():
     assert PROGRESS.search(parted.line()).group(0) == parted.line()
 
 
+def test_the_demo_echoes_each_test_sets_wer_line():
+    """Both test sets are scored in one `audio-llm eval` launch; each headline names its set."""
+    from audio_llm.demo.run import RESULT
+
+    for line in (
+        "WER 2.23% over 400 of 400 indexed utterances",
+        "test_seen_voices: WER 2.23% over 400 of 400 indexed utterances",
+        "step 100: eval WER 58.64% over 400 of 400 indexed utterances",
+    ):
+        assert RESULT.search(f"{line}\n").group(0) == line
+    assert RESULT.search("mean per-utterance WER 2.16% over 400 utterances") is None
+
+
 def test_pack_parts_run_side_by_side_and_a_failing_part_stops_the_demo(tmp_path):
     """`_run_parts` starts every part before waiting on any, and a part that fails stops the
     demo with its log's tail, after stopping the parts still running."""

@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from audio_llm.data import Problems, ShardSet, eval_samples
 from audio_llm.evaluation.evaluate import EvalResult
 
@@ -47,3 +49,19 @@ def test_headline_says_what_the_wer_is_over_and_what_was_not_scored():
     )
     assert cut.summary()["not_scored"] == 2 and cut.summary()["indexed_utterances"] == 24
     assert "(14 not scored: --limit 10)" in _result(10, limit=10).headline()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shards", "a", "b", "--out", "o"], "2 --shards but 1 --out"),
+        (["--shards", "a", "b", "--out", "o", "o"], "the same folder twice"),
+        (["--shards", "a", "b", "--out", "o", "p", "--index", "i.json"], "give one --shards"),
+    ],
+)
+def test_eval_of_several_sets_needs_one_out_each(tmp_path, capsys, extra, message):
+    """Several test sets in one `audio-llm eval`: refused before any model is loaded."""
+    from audio_llm.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "missing-run"), *extra]) == 2
+    assert message in capsys.readouterr().err

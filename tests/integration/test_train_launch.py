@@ -391,10 +391,11 @@ def test_eval_on_two_ranks_counts_a_cut_shard_once_and_says_what_it_scored(
 ):
     folder, run = cut_on_both_ranks
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    out = tmp_path / "eval"
+    out, whole = tmp_path / "eval", tmp_path / "eval_whole"
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["-m", "audio_llm.cli", "eval", "--run-dir", str(run), "--shards", str(folder)]
-    cmd += ["--out", str(out), "--batch-size", "5", "--max-new-tokens", "4"]
+    cmd += ["-m", "audio_llm.cli", "eval", "--run-dir", str(run)]
+    cmd += ["--shards", str(folder), str(SHARDS), "--out", str(out), str(whole)]  # two sets
+    cmd += ["--batch-size", "5", "--max-new-tokens", "4"]
     proc = subprocess.run(
         cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
     )
@@ -402,4 +403,9 @@ def test_eval_on_two_ranks_counts_a_cut_shard_once_and_says_what_it_scored(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"]["corrupt_shard"] == 2  # each cut shard once, not once per rank
     assert summary["utterances"] == 20
+    assert "shards: WER" in proc.stdout  # each set's headline names it (both are "shards")
     assert "over 20 of 24 indexed utterances (4 not scored" in proc.stdout, proc.stdout
+    # the second set, in the same launch, is scored on its own: all 24, no problem carried over
+    second = json.loads((whole / "summary.json").read_text())
+    assert second["utterances"] == 24 and not second["data"].get("corrupt_shard")
+    assert "over 24 of 24 indexed utterances" in proc.stdout, proc.stdout
