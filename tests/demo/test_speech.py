@@ -152,3 +152,24 @@ def test_make_corpus_reports_progress_over_all_splits(tmp_path, monkeypatch):
     speech.make_corpus(tmp_path, spec, progress=lines.append)
     assert len(spoken) == 12 and lines  # 6 + 2 + 2 test sets of 2
     assert lines[-1].startswith("clips 12/12 (100.0%) | ") and "clips/s" in lines[-1]
+
+
+@needs_espeak
+def test_a_clip_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from audio_llm.demo import speech
+
+    row = {"id": "c0", "voice": "en-us", "wpm": 160, "text": "look move break", "gain": 0.8}
+    row |= {"snr_db": 30.0, "noise_seed": 1}
+    entry = speech._speak(row, tmp_path)
+    audio, rate = speech.sf.read(tmp_path / entry["audio_filepath"])
+    assert rate == 22050 and len(audio) / rate == pytest.approx(entry["duration"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.flac"]  # no wav, no temp file
+
+    def dies_midway(out, *args, **kwargs):
+        out.write(b"fLaC half a clip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speech.sf, "write", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        speech._speak({**row, "id": "c1"}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.flac"]
