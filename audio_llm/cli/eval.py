@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.index and len(args.shards) > 1:
         raise AudioLLMError("--index names one test set's shards: give one --shards with it")
-    if len(set(args.out)) != len(args.out):
+    if len({Path(out).resolve() for out in args.out}) != len(args.out):
         raise AudioLLMError("--out names the same folder twice: one folder per test set")
     if "RANK" in os.environ:
         dist.init_distributed()

@@ -56,6 +56,7 @@ def test_headline_says_what_the_wer_is_over_and_what_was_not_scored():
     [
         (["--shards", "a", "b", "--out", "o"], "2 --shards but 1 --out"),
         (["--shards", "a", "b", "--out", "o", "o"], "the same folder twice"),
+        (["--shards", "a", "b", "--out", "o", "./o"], "the same folder twice"),
         (["--shards", "a", "b", "--out", "o", "p", "--index", "i.json"], "give one --shards"),
     ],
 )
