@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def _umask() -> int:
@@ -41,20 +41,32 @@ def temp_file(folder: Path, name: str) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `path` via a temporary file in the same folder and `os.replace`."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temporary file in the same folder, renamed over
+    `path` only if the block finishes (removed otherwise). `durable`: fsync the file and the
+    folder too; False for many small files whose set is marked complete elsewhere (the demo
+    corpus's clips, by its spec.json)."""
     path = Path(path)
     fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `path` via a temporary file in the same folder and `os.replace`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from audio_llm.errors import AudioLLMError
-from audio_llm.files import atomic_write_text, temp_file
+from audio_llm.files import atomic_file, atomic_write_text
 from audio_llm.model.tiny import vocabulary
 from audio_llm.planning.plan import format_duration
 
@@ -130,14 +129,8 @@ def _speak(row: dict, folder: Path) -> dict:
     audio = audio + noise * np.sqrt(power / 10 ** (row["snr_db"] / 10))
     flac = folder / f"{row['id']}.flac"
     # a temporary name, then the rename: a killed corpus never leaves half a clip under its name
-    fd, tmp = temp_file(folder, flac.name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            sf.write(out, np.clip(audio, -1, 1), rate, subtype="PCM_16", format="FLAC")
-        os.replace(tmp, flac)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(flac, durable=False) as out:
+        sf.write(out, np.clip(audio, -1, 1), rate, subtype="PCM_16", format="FLAC")
     return {
         "audio_filepath": flac.name,
         "text": row["text"],
