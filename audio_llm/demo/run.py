@@ -471,9 +471,9 @@ def _shown(path: Path) -> str:
 
 
 def _phase_eval(demo: _Demo) -> dict[str, dict]:
-    """6/6: `audio-llm eval` of stage 2 on both held-out sets (torchrun, 2 ranks), with the
-    model's decoding (joint CTC/LLM, `--ctc-weight`) and with the LLM alone for comparison;
-    returns each eval's summary.json by name."""
+    """6/6: `audio-llm eval` of stage 2 on both held-out sets in one launch (torchrun, 2 ranks)
+    with the model's decoding (joint CTC/LLM, `--ctc-weight`), and with `--llm-alone` a second
+    launch with the LLM alone for comparison; returns each eval's summary.json by name."""
     alone = ", then the LLM alone" if demo.args.llm_alone else ""
     print(f"== 6/6 audio-llm eval on both held-out sets (2 ranks): joint CTC/LLM{alone}")
     t = time.time()
